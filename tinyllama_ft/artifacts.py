@@ -1,0 +1,95 @@
+"""The output folder: write it (atomically), load it back for inference, export a merged model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel
+
+from .errors import UserError
+from .modeling import load_model, load_tokenizer
+
+FINAL_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json")
+
+
+def check_output_dir(config) -> None:
+    """Refuse to overwrite a finished run unless asked to, or a half-written one unless resuming."""
+    path = Path(config.output_dir)
+    if not path.exists() or not any(path.iterdir()):
+        return
+    resuming = config.resume_from_checkpoint not in (None, "false", "False")
+    if (path / "metrics.json").exists() and not config.overwrite_output_dir:
+        raise UserError(f"{path} already holds a finished run: pass --overwrite_output_dir true or another "
+                        "--output_dir")
+    if not resuming and not config.overwrite_output_dir:
+        raise UserError(f"{path} holds checkpoints of an unfinished run: pass --resume_from_checkpoint true to "
+                        "continue it, or --overwrite_output_dir true to start over")
+
+
+def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: list, generations: dict) -> Path:
+    """Adapter, tokenizer (with chat template), resolved config, split, log history, generations and
+    metrics into `config.output_dir`. Files are written to a temporary folder beside it and moved in,
+    `metrics.json` last, so a folder with `metrics.json` is always complete."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        tokenizer.save_pretrained(tmp)
+        _write_json(Path(tmp, "run_config.json"), json.loads(config.to_json()))
+        _write_json(Path(tmp, "split.json"), split)
+        _write_json(Path(tmp, "log_history.json"), log_history)
+        _write_json(Path(tmp, "generations.json"), generations)
+        _write_json(Path(tmp, "metrics.json"), metrics)
+        names = sorted(os.listdir(tmp), key=lambda n: n == "metrics.json")
+        for name in names:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(Path(tmp, name), target)
+    return out
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+def load_for_inference(adapter_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a run folder: the base model plus the saved LoRA adapter, in eval mode."""
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir} has no adapter_config.json: pass the output folder of a finished run")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else
+                      torch.float16 if device == "cuda" else torch.float32)
+    base_name = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    tokenizer = load_tokenizer(str(path))
+    model = load_model(base_name, dtype, device=device)
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    _fix_generation_config(model, tokenizer)
+    return model.eval(), tokenizer
+
+
+def export_merged(adapter_dir: str, out_dir: str) -> Path:
+    """Merge the adapter into the base weights (`merge_and_unload`) and save a standalone folder
+    (safetensors, tokenizer with chat template, generation config with the right EOS)."""
+    out = Path(out_dir)
+    if out.exists():
+        raise UserError(f"{out} already exists: remove it or choose another folder")
+    model, tokenizer = load_for_inference(adapter_dir, device="cpu", dtype=torch.float32)
+    merged = model.merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".merging-"))
+    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _fix_generation_config(model, tokenizer) -> None:
+    config = model.generation_config
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -1,0 +1,125 @@
+"""`python -m tinyllama_ft {config,preview,train,generate,export}`: every error is one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import UserError
+
+USAGE = """python -m tinyllama_ft COMMAND [options]
+
+commands:
+  config    [--config F.yaml] [--name value ...]   print the resolved configuration (JSON)
+  preview   --model_name_or_path M --dataset_name D [--n N] [--out F.jsonl]
+                                                  write exactly what the trainer is fed
+  train     [--config F.yaml] [--preset smoke] [--name value ...]
+                                                  fine-tune, evaluate and save a run folder
+  generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N]
+  export    --adapter DIR --out DIR                merge the adapter into a standalone model
+
+`python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train,
+                "generate": cmd_generate, "export": cmd_export}
+    if command not in commands:
+        print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        commands[command](rest)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command with --resume_from_checkpoint true to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_config(args: list[str]) -> None:
+    from .config import parse_config
+
+    print(parse_config(args).to_json())
+
+
+def cmd_train(args: list[str]) -> None:
+    from .config import parse_config
+    from .train import train
+
+    train(parse_config(args))
+
+
+def cmd_preview(args: list[str]) -> None:
+    parser = _parser("preview")
+    parser.add_argument("--model_name_or_path", required=True, help="tokenizer source (no weights needed)")
+    parser.add_argument("--dataset_name", required=True)
+    parser.add_argument("--n", type=int, default=5, help="first N rows of the file")
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--out", help="write JSON lines here instead of stdout")
+    opts = _parse(parser, args)
+    from .data import encode_rows, load_rows
+    from .modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(opts.model_name_or_path)
+    rows = load_rows(opts.dataset_name)[: opts.n]
+    encoded, excluded = encode_rows(tokenizer, rows, opts.max_length)
+    lines = [json.dumps({"row": i, **encoded[i]}) for i in sorted(encoded)]
+    if opts.out:
+        with open(opts.out, "w", encoding="utf-8") as file:
+            file.write("".join(line + "\n" for line in lines))
+    else:
+        print("\n".join(lines))
+    for index, why in excluded.items():
+        print(f"excluded row {index}: {why}", file=sys.stderr)
+
+
+def cmd_generate(args: list[str]) -> None:
+    parser = _parser("generate")
+    parser.add_argument("--adapter", required=True, help="output folder of a finished run")
+    parser.add_argument("--instruction", required=True)
+    parser.add_argument("--context", default="")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    opts = _parse(parser, args)
+    from .artifacts import load_for_inference
+    from .evaluate import generate
+
+    model, tokenizer = load_for_inference(opts.adapter)
+    print(generate(model, tokenizer, opts.instruction, opts.context, opts.max_new_tokens, progress=False)["text"])
+
+
+def cmd_export(args: list[str]) -> None:
+    parser = _parser("export")
+    parser.add_argument("--adapter", required=True, help="output folder of a finished run")
+    parser.add_argument("--out", required=True, help="new folder for the merged model")
+    opts = _parse(parser, args)
+    from .artifacts import export_merged
+
+    print(export_merged(opts.adapter, opts.out))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    return _Parser(prog=f"python -m tinyllama_ft {command}")
+
+
+def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
+    return parser.parse_args(args)

@@ -1,0 +1,236 @@
+"""Dolly rows -> chat examples -> token ids and labels, split and measured.
+
+Layout of the user turn (used at training and inference alike)::
+
+    {instruction}
+
+    Context:
+    {context}
+
+(the last two lines only when the context is not empty). The assistant turn is the response.
+Token ids come from the tokenizer's own chat template with one BOS first, exactly as `generate`
+feeds the model; labels are -100 on the prompt and cover the response plus the EOS that ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+REQUIRED_COLUMNS = ("instruction", "context", "response")
+ROLE_MARKERS = ("<|user|>", "<|assistant|>", "<|system|>")
+IGNORE_INDEX = -100
+
+
+# --- load and validate ---------------------------------------------------------------------------
+
+def load_rows(dataset_name: str) -> list[dict]:
+    """Rows of a local .json/.jsonl/.parquet file or of a hub dataset's train split, validated."""
+    path = Path(dataset_name)
+    if path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
+        rows = _read_file(path)
+    else:
+        rows = _read_hub(dataset_name)
+    validate_rows(rows, source=dataset_name)
+    return rows
+
+
+def _read_file(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"dataset file {path} does not exist: check --dataset_name")
+    if path.suffix == ".parquet":
+        import datasets
+
+        return datasets.Dataset.from_parquet(str(path)).to_list()
+    if path.suffix not in (".json", ".jsonl"):
+        raise UserError(f"dataset file {path} is not .json, .jsonl or .parquet: convert it or rename it")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}: invalid JSON on line {number}: {error.msg}") from None
+    return rows
+
+
+def _read_hub(name: str) -> list[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train").to_list()
+    except Exception as error:  # network, unknown id, no access: one line, with the cause
+        raise UserError(f"could not load dataset {name!r} from the hub ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); pass a local .jsonl file "
+                        "or check the id and your network") from None
+
+
+def validate_rows(rows: list, source: str = "dataset") -> None:
+    """Raise a `UserError` naming the first missing column or bad row."""
+    if not isinstance(rows, list) or not rows:
+        raise UserError(f"{source} has no rows: pass a file with at least one Dolly row")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{source} row {index} is not an object with instruction/context/response")
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        if missing:
+            raise UserError(f"{source} row {index} has no column {missing[0]!r} (columns: "
+                            f"{', '.join(map(str, row)) or 'none'}); rename your columns to "
+                            "instruction, context, response")
+        for column in REQUIRED_COLUMNS + (("category",) if "category" in row else ()):
+            if not isinstance(row[column], str):
+                raise UserError(f"{source} row {index}: {column!r} is {type(row[column]).__name__}, "
+                                "expected a string (use \"\" for no context)")
+        for column in ("instruction", "response"):
+            if not row[column].strip():
+                raise UserError(f"{source} row {index}: {column!r} is empty; remove the row or fill it in")
+
+
+# --- format ------------------------------------------------------------------------------------
+
+def format_user_turn(instruction: str, context: str = "") -> str:
+    """The user message: the instruction, then the context under a `Context:` line when there is one."""
+    instruction, context = instruction.strip(), (context or "").strip()
+    return f"{instruction}\n\nContext:\n{context}" if context else instruction
+
+
+def to_example(row: dict) -> dict:
+    """A Dolly row as a conversational prompt-completion example (TRL's dataset format)."""
+    return {
+        "prompt": [{"role": "user", "content": format_user_turn(row["instruction"], row.get("context", ""))}],
+        "completion": [{"role": "assistant", "content": row["response"].strip()}],
+    }
+
+
+def find_special_text(text: str, tokenizer) -> str | None:
+    """The first special-token or role-marker string inside `text`, if any."""
+    for marker in (*tokenizer.all_special_tokens, *ROLE_MARKERS):
+        if marker and marker in text:
+            return marker
+    return None
+
+
+# --- tokenize ----------------------------------------------------------------------------------
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the prompt exactly as inference feeds them: BOS, then the chat template with
+    the generation prompt. Raises `UserError` for text that holds special-token strings."""
+    for message in messages:
+        marker = find_special_text(message["content"], tokenizer)
+        if marker:
+            raise UserError(f"text contains the special string {marker!r}, which would be read as a "
+                            "control token; remove or escape it")
+    ids = _chat_ids(tokenizer, messages, add_generation_prompt=True)
+    return ids
+
+
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
+
+
+def encode_example(tokenizer, example: dict) -> dict:
+    """`input_ids` and `labels` of one prompt-completion example: the prompt ids are those of
+    `encode_prompt`; the labels are -100 on them and cover the response and its closing EOS."""
+    prompt_ids = encode_prompt(tokenizer, example["prompt"])
+    if find_special_text(example["completion"][0]["content"], tokenizer):
+        raise UserError(f"response contains the special string "
+                        f"{find_special_text(example['completion'][0]['content'], tokenizer)!r}")
+    full_ids = _chat_ids(tokenizer, example["prompt"] + example["completion"], add_generation_prompt=False)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise UserError("the chat template renders the prompt differently with and without the answer; "
+                        "use a template whose generation prompt is a prefix of the conversation")
+    completion = full_ids[len(prompt_ids):]
+    # Keep the response up to and including the EOS that closes it; drop what the template adds after.
+    end = completion.index(tokenizer.eos_token_id) + 1
+    completion = completion[:end]
+    return {"input_ids": prompt_ids + completion, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion}
+
+
+def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[dict[int, dict], dict[int, str]]:
+    """Encode every row; return ({row index: encoded}, {row index: why it was excluded}).
+
+    Rows longer than `max_length` are dropped, not truncated: a truncated response loses the EOS
+    the model must learn. Rows with special-token strings are dropped too."""
+    from tqdm.auto import tqdm
+
+    encoded, excluded = {}, {}
+    for index, row in enumerate(tqdm(rows, desc="tokenizing", leave=False, mininterval=2)):
+        try:
+            item = encode_example(tokenizer, to_example(row))
+        except UserError as error:
+            excluded[index] = str(error)
+            continue
+        if len(item["input_ids"]) > max_length:
+            excluded[index] = f"{len(item['input_ids'])} tokens > max_length {max_length}"
+            continue
+        encoded[index] = item
+    return encoded, excluded
+
+
+def length_stats(lengths: list[int], max_length: int | None = None) -> dict:
+    """Mean, median, p90, p99 and max of token lengths, and how many exceed `max_length`."""
+    values = np.asarray(lengths)
+    stats = {"rows": int(values.size), "mean": float(values.mean()), "median": float(np.median(values)),
+             "p90": float(np.percentile(values, 90)), "p99": float(np.percentile(values, 99)),
+             "max": int(values.max())}
+    if max_length is not None:
+        stats["over_max_length"] = int((values > max_length).sum())
+    return stats
+
+
+# --- split -------------------------------------------------------------------------------------
+
+def split_rows(rows: list[dict], indices: list[int], train_size: int, eval_size: int, test_size: int,
+               seed: int) -> dict[str, list[int]]:
+    """Disjoint train/validation/test row indices, stratified by category when rows have one.
+
+    Validation and test are held out first; train is drawn from the rest. Deterministic in `seed`."""
+    if eval_size + test_size >= len(indices):
+        raise UserError(f"eval_size + test_size = {eval_size + test_size} leaves no training rows out of "
+                        f"{len(indices)} usable rows: lower them")
+    rng = random.Random(seed)
+    rest = sorted(indices)
+    held = _stratified_sample(rows, rest, eval_size + test_size, rng)
+    rest = sorted(set(rest) - set(held))
+    if train_size > len(rest):
+        raise UserError(f"train_size {train_size} is larger than the {len(rest)} rows left after the "
+                        f"held-out splits: lower train_size to at most {len(rest)}")
+    validation = _stratified_sample(rows, held, eval_size, rng)
+    test = sorted(set(held) - set(validation))
+    train = _stratified_sample(rows, rest, train_size, rng)
+    return {"train": train, "validation": validation, "test": test}
+
+
+def _stratified_sample(rows: list[dict], pool: list[int], n: int, rng: random.Random) -> list[int]:
+    """`n` indices from `pool`, each category getting its share (largest remainder), sorted."""
+    groups = defaultdict(list)
+    for index in sorted(pool):
+        groups[rows[index].get("category", "")].append(index)
+    quotas = {cat: n * len(members) / len(pool) for cat, members in groups.items()}
+    counts = {cat: int(q) for cat, q in quotas.items()}
+    for cat in sorted(quotas, key=lambda c: (counts[c] - quotas[c], c))[: n - sum(counts.values())]:
+        counts[cat] += 1
+    chosen = []
+    for cat in sorted(groups):
+        chosen += rng.sample(groups[cat], counts[cat])
+    return sorted(chosen)
+
+
+def category_counts(rows: list[dict], indices: list[int]) -> dict[str, int]:
+    return dict(Counter(rows[i].get("category", "") for i in indices).most_common())

@@ -1,0 +1,150 @@
+"""Tokenizer and base model from a hub id or a folder, the LoRA wrap, and a tiny random Llama."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .config import SAMPLE_DATA, TINY_RANDOM_LLAMA
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+# TinyLlama-1.1B-Chat-v1.0's (Zephyr) chat template, given to the tiny random model too.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer with a pad token (its EOS when it has none) and a chat template."""
+    if name_or_path == TINY_RANDOM_LLAMA:
+        return build_tiny_tokenizer()
+    _check_local_folder(name_or_path, need_weights=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(f"could not load a tokenizer from {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise UserError(f"{name_or_path} has no chat template: use a chat model such as TinyLlama-1.1B-Chat")
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+               trust_remote_code: bool = False, device: str | None = None):
+    """The base causal LM in `dtype` (frozen weights are held in the compute dtype)."""
+    if name_or_path == TINY_RANDOM_LLAMA:
+        model = build_tiny_model().to(dtype)
+    else:
+        _check_local_folder(name_or_path, need_weights=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, attn_implementation=attn_implementation or default_attention(),
+                trust_remote_code=trust_remote_code, use_safetensors=True)
+        except OSError as error:
+            raise UserError(f"could not load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def default_attention() -> str:
+    """FlashAttention 2 on CUDA when installed, else PyTorch SDPA."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def wrap_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+              target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> PeftModel:
+    """Freeze the base and add LoRA adapters (kept in fp32) to `target_modules`."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in present]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"the model has no module named {', '.join(missing)}: choose lora_target_modules "
+                        f"among {', '.join(linear)}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _check_local_folder(name_or_path: str, need_weights: bool) -> None:
+    path = Path(name_or_path)
+    if not (path.is_absolute() or name_or_path.startswith(".") or path.exists()):
+        return  # a hub id
+    if not path.is_dir():
+        raise UserError(f"model folder {name_or_path} does not exist: check --model_name_or_path")
+    if need_weights and not any(path.glob("*.safetensors")):
+        raise UserError(f"model folder {name_or_path} has no .safetensors weights: save the model with "
+                        "save_pretrained(safe_serialization=True) or pick another folder")
+    if not need_weights and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model",
+                                                                     "tokenizer_config.json")):
+        raise UserError(f"model folder {name_or_path} has no tokenizer files: save the tokenizer there too")
+
+
+# --- a tiny random Llama, built offline, for smoke runs and fast tests ---------------------------
+
+@lru_cache(maxsize=1)
+def _tiny_tokenizer_files() -> str:
+    """A byte-level BPE of 1,000 tokens trained on the bundled sample; deterministic."""
+    import json
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = []
+    for line in Path(SAMPLE_DATA).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        texts += [row["instruction"], row["context"], row["response"]]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts + ["<|user|>\n<|assistant|>\n<|system|>\nContext:\n"], trainer)
+    folder = tempfile.mkdtemp(prefix="tiny-random-llama-")
+    tokenizer.save(f"{folder}/tokenizer.json")
+    return folder
+
+
+def build_tiny_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=f"{_tiny_tokenizer_files()}/tokenizer.json", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="</s>", chat_template=CHAT_TEMPLATE)
+    tokenizer.name_or_path = TINY_RANDOM_LLAMA
+    return tokenizer
+
+
+def build_tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama with random (seeded, hence reproducible) weights on the tiny tokenizer."""
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.name_or_path = TINY_RANDOM_LLAMA
+    model.config.name_or_path = TINY_RANDOM_LLAMA
+    return model

@@ -1,0 +1,159 @@
+"""The run, stage by stage: data -> model -> base evaluation -> training -> evaluation -> save.
+
+Each stage is one function the notebook calls on its own; `train` chains them for the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import set_seed
+from trl import SFTTrainer
+
+from .artifacts import check_output_dir, save_run
+from .config import Config, compute_dtype
+from .data import (_stratified_sample, category_counts, encode_rows, length_stats, load_rows, split_rows)
+from .errors import UserError
+from .evaluate import evaluate_loss, generate, score_generations
+from .modeling import count_parameters, load_model, load_tokenizer, wrap_lora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Data:
+    """The rows, their encodings, what was excluded and why, and the split (row indices)."""
+
+    rows: list[dict]
+    encoded: dict[int, dict]
+    excluded: dict[int, str]
+    split: dict[str, list[int]]
+    generate_rows: list[int] = field(default_factory=list)
+
+    def examples(self, part: str) -> list[dict]:
+        return [self.encoded[i] for i in self.split[part]]
+
+    def dataset(self, part: str) -> Dataset:
+        return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in self.examples(part)])
+
+    def stats(self, max_length: int) -> dict:
+        lengths = [len(e["input_ids"]) for e in self.encoded.values()]
+        over = sum("max_length" in why for why in self.excluded.values())
+        return {"tokens": length_stats(lengths) | {"over_max_length": over}, "excluded": len(self.excluded),
+                "categories": {part: category_counts(self.rows, idx) for part, idx in self.split.items()},
+                "response_token_share": sum(sum(l != -100 for l in e["labels"]) for e in self.encoded.values())
+                / max(sum(lengths), 1)}
+
+
+def prepare_data(config: Config, tokenizer) -> Data:
+    """Load, validate, encode and split the rows; rows over `max_length` are dropped and counted."""
+    rows = load_rows(config.dataset_name)
+    encoded, excluded = encode_rows(tokenizer, rows, config.max_length)
+    if excluded:
+        log.info("excluded %d of %d rows (first: row %d, %s)", len(excluded), len(rows), *next(iter(excluded.items())))
+    split = split_rows(rows, sorted(encoded), config.train_size, config.eval_size, config.test_size, config.seed)
+    generate_rows = _stratified_sample(rows, split["test"], config.num_generate, random.Random(config.seed))
+    return Data(rows, encoded, excluded, split, generate_rows)
+
+
+def setup_model(config: Config, tokenizer=None):
+    """The base model in the compute dtype with LoRA adapters (fp32) on `lora_target_modules`."""
+    device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
+    model = load_model(config.model_name_or_path, compute_dtype(config), config.attn_implementation,
+                       config.trust_remote_code, device=device)
+    set_seed(config.seed)
+    model = wrap_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    trainable, total = count_parameters(model)
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
+    """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100, so the EOS stays trained."""
+    eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
+    if eval_dataset is None:
+        config.eval_strategy = "no"
+    return SFTTrainer(model=model, args=config, train_dataset=data.dataset("train"), eval_dataset=eval_dataset,
+                      processing_class=tokenizer)
+
+
+def evaluate_model(config: Config, model, tokenizer, data: Data) -> dict:
+    """Validation loss/perplexity over response tokens, and generation metrics on the test rows."""
+    metrics = {}
+    if data.split["validation"]:
+        loss = evaluate_loss(model, data.examples("validation"), tokenizer.pad_token_id,
+                             config.per_device_eval_batch_size)
+        metrics |= {"eval_loss": loss["loss"], "eval_perplexity": loss["perplexity"], "eval_tokens": loss["tokens"]}
+    if data.generate_rows:
+        rows = [data.rows[i] for i in data.generate_rows]
+        predictions = generate(model, tokenizer, [r["instruction"] for r in rows], [r["context"] for r in rows],
+                               config.max_new_tokens, batch_size=max(config.per_device_eval_batch_size, 8))
+        metrics |= score_generations(predictions, [r["response"].strip() for r in rows],
+                                     [r.get("category", "") for r in rows])
+        metrics["generations"] = [{"row": i, "response": p["text"], "ended": p["ended"]}
+                                  for i, p in zip(data.generate_rows, predictions)]
+    return metrics
+
+
+def evaluate_base(config: Config, model, tokenizer, data: Data) -> dict:
+    """`evaluate_model` with the adapters switched off: the base model on the very same tokens."""
+    with model.disable_adapter():
+        return evaluate_model(config, model, tokenizer, data)
+
+
+def fit(trainer: SFTTrainer) -> dict:
+    """Train; return loss, runtime, real (non-padding) tokens per second and, on CUDA, peak memory."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    resume = trainer.args.resume_from_checkpoint
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume if resume not in (None, "false", "False") else None)
+    runtime = time.perf_counter() - start
+    metrics = {"train_loss": output.training_loss, "train_runtime": runtime, "train_steps": output.global_step,
+               "train_tokens": int(trainer.state.num_input_tokens_seen),
+               "train_tokens_per_second": trainer.state.num_input_tokens_seen / runtime,
+               "world_size": trainer.args.world_size}
+    if torch.cuda.is_available():
+        metrics["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        metrics["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    return metrics
+
+
+def train(config: Config) -> dict:
+    """The whole run; writes `config.output_dir` and returns its metrics."""
+    check_output_dir(config)
+    log.info("configuration:\n%s", config.to_json())
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    data = prepare_data(config, tokenizer)
+    log.info("data: %s", data.stats(config.max_length))
+    model = setup_model(config, tokenizer)
+    trainer = build_trainer(config, model, tokenizer, data)
+    base = evaluate_base(config, model, tokenizer, data)
+    train_metrics = fit(trainer)
+    tuned = evaluate_model(config, model, tokenizer, data)
+    metrics = summarize(base, tuned, train_metrics, model, data, config)
+    if trainer.is_world_process_zero():
+        save_run(config, model, tokenizer, metrics, data.split, trainer.state.log_history,
+                 generations={"base": base.get("generations", []), "tuned": tuned.get("generations", [])})
+    log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+    return metrics
+
+
+def summarize(base: dict, tuned: dict, train_metrics: dict, model, data: Data, config: Config) -> dict:
+    """One flat metrics dict: fine-tuned values under their names, the base model's under `base_*`."""
+    scalars = lambda d: {k: v for k, v in d.items() if k not in ("generations", "per_category")}  # noqa: E731
+    metrics = scalars(tuned) | {f"base_{k}": v for k, v in scalars(base).items()} | train_metrics
+    metrics["trainable_parameters"], metrics["total_parameters"] = count_parameters(model)
+    metrics["rows"] = {part: len(idx) for part, idx in data.split.items()} | {"excluded": len(data.excluded)}
+    if "per_category" in tuned:
+        metrics["per_category"] = {"base": base["per_category"], "tuned": tuned["per_category"]}
+    if not data.split["train"]:
+        raise UserError("no training rows")
+    return metrics
