@@ -16,7 +16,7 @@ Stages, in the order the notebook calls them::
 """
 
 from .artifacts import export_merged, load_for_inference, save_run
-from .config import Config, parse_config
+from .config import Config, notebook_config, parse_config
 from .data import encode_example, encode_prompt, format_user_turn, load_rows, to_example
 from .errors import UserError
 from .evaluate import evaluate_loss, generate, score_generations
@@ -26,6 +26,6 @@ from .train import build_trainer, evaluate_base, evaluate_model, fit, prepare_da
 __all__ = [
     "Config", "UserError", "build_trainer", "encode_example", "encode_prompt", "evaluate_base", "evaluate_loss",
     "evaluate_model", "export_merged", "fit", "format_user_turn", "generate", "load_for_inference", "load_model",
-    "load_rows", "load_tokenizer", "parse_config", "prepare_data", "save_run", "score_generations", "setup_model",
+    "load_rows", "load_tokenizer", "notebook_config", "parse_config", "prepare_data", "save_run", "score_generations", "setup_model",
     "summarize", "to_example", "train", "wrap_lora",
 ]

@@ -19,6 +19,7 @@ commands:
                                                   fine-tune, evaluate and save a run folder
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N]
   export    --adapter DIR --out DIR                merge the adapter into a standalone model
+  bench     --preset cpu|gpu [--out F.json]       seed configuration vs default, side by side
 
 `python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks."""
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train,
-                "generate": cmd_generate, "export": cmd_export}
+                "generate": cmd_generate, "export": cmd_export, "bench": cmd_bench}
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
         return 2
@@ -110,6 +111,12 @@ def cmd_export(args: list[str]) -> None:
     from .artifacts import export_merged
 
     print(export_merged(opts.adapter, opts.out))
+
+
+def cmd_bench(args: list[str]) -> None:
+    from .bench import main as bench_main
+
+    bench_main(args)
 
 
 class _Parser(argparse.ArgumentParser):

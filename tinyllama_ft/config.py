@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,3 +213,29 @@ def _as_flag(key: str, value) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [f"--{key}", *map(str, value)]
     return [f"--{key}", str(value)]
+
+
+ENV_PREFIX = "TINYLLAMA_FT_"
+
+
+def notebook_config(namespace: dict, environ: dict | None = None) -> Config:
+    """The notebook's configuration from its `parameters` cell and the environment.
+
+    Precedence, lowest first: the defaults < the preset < values in `namespace` (the parameters cell,
+    or papermill's `-p`) that differ from the defaults < `TINYLLAMA_FT_<FIELD>` environment variables
+    (`TINYLLAMA_FT_PRESET=smoke`, `TINYLLAMA_FT_MAX_STEPS=20`). Names in `namespace` that are not
+    configuration fields are ignored, so `notebook_config(globals())` works."""
+    environ = os.environ if environ is None else environ
+    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+    defaults |= {f.name: f.default_factory() for f in dataclasses.fields(Config)
+                 if f.default_factory is not dataclasses.MISSING}
+    changed = {k: v for k, v in namespace.items() if k in defaults and v != defaults[k]}
+    from_env = {key[len(ENV_PREFIX):].lower(): value for key, value in environ.items()
+                if key.startswith(ENV_PREFIX)}
+    unknown = sorted(set(from_env) - set(defaults))
+    if unknown:
+        raise UserError(f"unknown field in {ENV_PREFIX}{unknown[0].upper()}: see `python -m tinyllama_ft config "
+                        "--help` for the field names")
+    args = [item for key, value in (changed | from_env).items() if key != "preset" for item in _as_flag(key, value)]
+    preset = from_env.get("preset", changed.get("preset"))
+    return parse_config(args + (["--preset", preset] if preset else []))
