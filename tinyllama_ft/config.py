@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,7 +174,7 @@ def parse_config(args: list[str] | None = None, **overrides) -> Config:
     `parse_config(["--preset", "smoke"])` from the command line; `parse_config(preset="smoke",
     max_steps=2)` from Python.
     """
-    args = list(sys.argv[1:] if args is None else args)
+    args = list(args or [])
     parser = TrlParser(Config)
     preset = overrides.get("preset") or _preset_from(args)
     if preset is not None:

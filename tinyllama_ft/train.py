@@ -54,6 +54,10 @@ class Data:
 def prepare_data(config: Config, tokenizer) -> Data:
     """Load, validate, encode and split the rows; rows over `max_length` are dropped and counted."""
     rows = load_rows(config.dataset_name)
+    wanted = config.train_size + config.eval_size + config.test_size
+    if wanted > len(rows):
+        raise UserError(f"train_size + eval_size + test_size = {wanted} but {config.dataset_name} has only "
+                        f"{len(rows)} rows: lower the sizes")
     encoded, excluded = encode_rows(tokenizer, rows, config.max_length)
     if excluded:
         log.info("excluded %d of %d rows (first: row %d, %s)", len(excluded), len(rows), *next(iter(excluded.items())))

@@ -1,0 +1,114 @@
+"""Pure data functions on literal rows: formatting, validation, reading files, the split."""
+
+import json
+
+import pytest
+
+from tinyllama_ft.data import (format_user_turn, length_stats, load_rows, split_rows, to_example,
+                               validate_rows)
+from tinyllama_ft.errors import UserError
+
+ROW = {"instruction": "Who wrote Hamlet?", "context": "", "response": "William Shakespeare.", "category": "open_qa"}
+
+
+def test_user_turn_is_the_instruction_alone_without_context():
+    assert format_user_turn("Who wrote Hamlet?", "") == "Who wrote Hamlet?"
+    assert format_user_turn("  Who wrote Hamlet?\n", "   ") == "Who wrote Hamlet?"
+
+
+def test_user_turn_appends_the_context_under_a_label():
+    assert format_user_turn("Summarize.", "Cats sleep a lot.") == "Summarize.\n\nContext:\nCats sleep a lot."
+
+
+def test_row_becomes_a_conversational_prompt_completion_example():
+    assert to_example(ROW) == {
+        "prompt": [{"role": "user", "content": "Who wrote Hamlet?"}],
+        "completion": [{"role": "assistant", "content": "William Shakespeare."}],
+    }
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "a", "response": "b"}, "no column 'context'"),
+    ({"instruction": "a", "contxt": "", "response": "b"}, "no column 'context'"),
+    ({"instruction": None, "context": "", "response": "b"}, "'instruction' is NoneType"),
+    ({"instruction": "a", "context": 3, "response": "b"}, "'context' is int"),
+    ({"instruction": "a", "context": "", "response": "  "}, "'response' is empty"),
+    ({"instruction": "", "context": "", "response": "b"}, "'instruction' is empty"),
+    ({"instruction": "a", "context": "", "response": "b", "category": 1}, "'category' is int"),
+])
+def test_validation_names_the_first_bad_row_and_column(row, message):
+    with pytest.raises(UserError, match=rf"row 1.*{message}"):
+        validate_rows([ROW, row])
+
+
+def test_an_empty_dataset_is_rejected():
+    with pytest.raises(UserError, match="no rows"):
+        validate_rows([])
+
+
+def test_jsonl_and_json_files_are_read(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps(ROW) + "\n\n" + json.dumps(ROW) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps([ROW]))
+    assert load_rows(str(tmp_path / "d.jsonl")) == [ROW, ROW]
+    assert load_rows(str(tmp_path / "d.json")) == [ROW]
+
+
+def test_parquet_files_are_read(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([ROW, ROW]).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_rows(str(tmp_path / "d.parquet")) == [ROW, ROW]
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps(ROW) + "\n{oops\n")
+    with pytest.raises(UserError, match="invalid JSON on line 2"):
+        load_rows(str(tmp_path / "d.jsonl"))
+
+
+@pytest.mark.parametrize("name, message", [("missing.jsonl", "does not exist"), ("d.csv", "not .json")])
+def test_bad_paths_get_a_clear_error(tmp_path, name, message):
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match=message):
+        load_rows(str(tmp_path / name))
+
+
+def _rows(counts: dict[str, int]) -> list[dict]:
+    return [dict(ROW, category=cat) for cat, n in counts.items() for _ in range(n)]
+
+
+def test_split_is_disjoint_sized_and_deterministic():
+    rows = _rows({"a": 60, "b": 30, "c": 10})
+    split = split_rows(rows, list(range(100)), train_size=50, eval_size=10, test_size=10, seed=1)
+    assert [len(split[k]) for k in ("train", "validation", "test")] == [50, 10, 10]
+    assert not set(split["train"]) & set(split["validation"]) | set(split["train"]) & set(split["test"])
+    assert not set(split["validation"]) & set(split["test"])
+    assert split == split_rows(rows, list(range(100)), 50, 10, 10, seed=1)
+    assert split != split_rows(rows, list(range(100)), 50, 10, 10, seed=2)
+
+
+def test_split_is_stratified_by_category():
+    rows = _rows({"a": 600, "b": 300, "c": 100})
+    split = split_rows(rows, list(range(1000)), train_size=500, eval_size=100, test_size=100, seed=0)
+    for part, size in (("train", 500), ("validation", 100), ("test", 100)):
+        counts = {cat: sum(rows[i]["category"] == cat for i in split[part]) for cat in "abc"}
+        assert counts == {"a": size * 6 // 10, "b": size * 3 // 10, "c": size // 10}
+
+
+def test_split_uses_only_the_given_indices():
+    rows = _rows({"a": 20})
+    split = split_rows(rows, list(range(0, 20, 2)), train_size=6, eval_size=2, test_size=2, seed=0)
+    assert all(i % 2 == 0 for part in split.values() for i in part)
+
+
+def test_split_sizes_that_do_not_fit_are_rejected():
+    rows = _rows({"a": 20})
+    with pytest.raises(UserError, match="eval_size \\+ test_size"):
+        split_rows(rows, list(range(20)), 5, 10, 10, 0)
+    with pytest.raises(UserError, match="train_size 15 is larger than the 10 rows"):
+        split_rows(rows, list(range(20)), 15, 5, 5, 0)
+
+
+def test_length_stats():
+    stats = length_stats([1, 2, 3, 4, 100], max_length=50)
+    assert stats["mean"] == 22 and stats["median"] == 3 and stats["max"] == 100 and stats["over_max_length"] == 1
