@@ -57,8 +57,11 @@ def test_smoke_preset_end_to_end(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert REQUIRED_METRICS <= set(metrics)
     assert set(json.loads((out / "split.json").read_text())) == {"train", "validation", "test"}
-    response = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8)
-    assert response.stdout.strip() != "" or response.returncode == 0
+    from tinyllama_ft import generate, load_for_inference
+
+    printed = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8).stdout
+    model, tokenizer = load_for_inference(str(out), device="cpu")
+    assert printed == generate(model, tokenizer, "Name a color.", max_new_tokens=8)["text"] + "\n"
     cli("export", "--adapter", out, "--out", tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     again = cli("train", "--preset", "smoke", "--output_dir", out, check=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from .errors import UserError
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: the last checkpoint stays usable
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         commands[command](rest)
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cmd_config(args: list[str]) -> None:

@@ -175,7 +175,7 @@ def parse_config(args: list[str] | None = None, **overrides) -> Config:
     max_steps=2)` from Python.
     """
     args = list(args or [])
-    parser = TrlParser(Config)
+    parser = _Parser(Config)
     preset = overrides.get("preset") or _preset_from(args)
     if preset is not None:
         if preset not in PRESETS:
@@ -189,6 +189,11 @@ def parse_config(args: list[str] | None = None, **overrides) -> Config:
     except (ValueError, FileNotFoundError) as error:
         raise UserError(f"bad configuration: {error}") from error
     return config
+
+
+class _Parser(TrlParser):
+    def error(self, message):  # argparse prints usage and exits; one clear line instead
+        raise UserError(f"{message}; see `python -m tinyllama_ft config --help`")
 
 
 def _preset_from(args: list[str]) -> str | None:
@@ -231,6 +236,8 @@ def notebook_config(namespace: dict, environ: dict | None = None) -> Config:
     changed = {k: v for k, v in namespace.items() if k in defaults and v != defaults[k]}
     from_env = {key[len(ENV_PREFIX):].lower(): value for key, value in environ.items()
                 if key.startswith(ENV_PREFIX)}
+    from_env = {k: v.replace(",", " ").split() if isinstance(defaults.get(k), list) else v
+                for k, v in from_env.items()}
     unknown = sorted(set(from_env) - set(defaults))
     if unknown:
         raise UserError(f"unknown field in {ENV_PREFIX}{unknown[0].upper()}: see `python -m tinyllama_ft config "

@@ -6,7 +6,9 @@ Each stage is one function the notebook calls on its own; `train` chains them fo
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import set_seed
+from transformers.trainer import rotate_checkpoints
+from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from .artifacts import check_output_dir, save_run
@@ -78,12 +82,35 @@ def setup_model(config: Config, tokenizer=None):
     return model
 
 
+class Trainer(SFTTrainer):
+    """TRL's SFTTrainer whose checkpoints appear only when complete: each is written to a hidden
+    `.tmp-checkpoint-N` folder and renamed into place, so a crash mid-save never leaves a
+    `checkpoint-N` that resuming would trust."""
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, f".tmp-{name}")
+        self._get_output_dir = lambda trial=None: staging  # where the parent class writes
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
+            shutil.rmtree(staging)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
 def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
     """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100, so the EOS stays trained."""
     eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
     if eval_dataset is None:
         config.eval_strategy = "no"
-    return SFTTrainer(model=model, args=config, train_dataset=data.dataset("train"), eval_dataset=eval_dataset,
+    return Trainer(model=model, args=config, train_dataset=data.dataset("train"), eval_dataset=eval_dataset,
                       processing_class=tokenizer)
 
 
@@ -115,9 +142,9 @@ def fit(trainer: SFTTrainer) -> dict:
     """Train; return loss, runtime, real (non-padding) tokens per second and, on CUDA, peak memory."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    resume = trainer.args.resume_from_checkpoint
+    resume = resume_path(trainer.args)
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume if resume not in (None, "false", "False") else None)
+    output = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - start
     metrics = {"train_loss": output.training_loss, "train_runtime": runtime, "train_steps": output.global_step,
                "train_tokens": int(trainer.state.num_input_tokens_seen),
@@ -129,9 +156,27 @@ def fit(trainer: SFTTrainer) -> dict:
     return metrics
 
 
+def resume_path(args) -> str | None:
+    """`--resume_from_checkpoint true` means the newest complete checkpoint in `output_dir`."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", "0", ""):
+        return None
+    if str(value).lower() not in ("true", "yes", "1"):
+        if not Path(value).is_dir():
+            raise UserError(f"checkpoint {value} does not exist: pass a checkpoint-N folder or true")
+        return str(value)
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last is None:
+        raise UserError(f"no checkpoint to resume from in {args.output_dir}: run without "
+                        "--resume_from_checkpoint, or point --output_dir at the interrupted run")
+    log.info("resuming from %s", last)
+    return last
+
+
 def train(config: Config) -> dict:
     """The whole run; writes `config.output_dir` and returns its metrics."""
     check_output_dir(config)
+    resume_path(config)  # fail now, not after loading the model
     log.info("configuration:\n%s", config.to_json())
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)

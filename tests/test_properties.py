@@ -1,0 +1,35 @@
+"""Property tests: for arbitrary text the mask covers exactly the response and its EOS, and the
+prompt ids are exactly the ids inference feeds."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tinyllama_ft.data import IGNORE_INDEX, encode_example, encode_prompt, find_special_text, to_example
+from tinyllama_ft.errors import UserError
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+long_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=2000, max_size=4000)
+nonblank = text.filter(lambda s: s.strip())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(instruction=nonblank, context=st.one_of(st.just(""), text, long_text), response=st.one_of(nonblank, long_text))
+def test_mask_covers_exactly_the_response_and_eos(tinyllama_tokenizer, instruction, context, response):
+    tok = tinyllama_tokenizer
+    row = {"instruction": instruction, "context": context, "response": response}
+    if not response.strip():
+        return
+    example = to_example(row)
+    if any(find_special_text(t, tok) for t in (instruction, context, response)):
+        with pytest.raises(UserError, match="special string"):
+            encode_example(tok, example)
+        return
+    item = encode_example(tok, example)
+    prompt = encode_prompt(tok, example["prompt"])
+    n = len(prompt)
+    assert item["input_ids"][:n] == prompt
+    assert item["labels"][:n] == [IGNORE_INDEX] * n
+    assert item["labels"][n:] == item["input_ids"][n:]
+    assert item["labels"][-1] == tok.eos_token_id and item["labels"].count(tok.eos_token_id) == 1
+    assert tok.decode(item["labels"][n:-1]) == example["completion"][0]["content"]
