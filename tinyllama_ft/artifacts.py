@@ -47,6 +47,8 @@ def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: 
         _write_json(Path(tmp, "metrics.json"), metrics)
         names = sorted(os.listdir(tmp), key=lambda n: n == "metrics.json")
         for name in names:
+            if Path(tmp, name).is_file():
+                os.chmod(Path(tmp, name), 0o644)  # safetensors writes 0600; the folder is meant to be shared
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -63,6 +65,9 @@ def load_for_inference(adapter_dir: str, device: str | None = None, dtype: torch
     path = Path(adapter_dir)
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} has no adapter_config.json: pass the output folder of a finished run")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise UserError(f"{adapter_dir} has no adapter_model.safetensors (only safetensors are loaded): "
+                        "re-save the adapter with safe_serialization=True")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else
                       torch.float16 if device == "cuda" else torch.float32)

@@ -68,6 +68,11 @@ class Config(SFTConfig):
                   "fp32 on CPU. Frozen base weights are held in this dtype; LoRA weights stay in fp32.",
                   "choices": ["auto", "bf16", "fp16", "fp32"]},
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: hold the frozen base in 4-bit NF4 (bitsandbytes, double quantisation, "
+                  "compute in `precision`), for 6-8 GB cards. CUDA only."},
+    )
     # --- LoRA ---
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
@@ -140,6 +145,13 @@ class Config(SFTConfig):
             raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.max_length is None or self.max_length < 16:
             raise UserError(f"max_length must be an integer >= 16, got {self.max_length!r}")
+        if self.load_in_4bit:
+            import importlib.util
+
+            if not torch.cuda.is_available():
+                raise UserError("load_in_4bit needs a CUDA GPU and none is visible: drop --load_in_4bit")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise UserError("load_in_4bit needs bitsandbytes: pip install bitsandbytes")
         if self.num_generate > self.test_size:
             raise UserError(f"num_generate ({self.num_generate}) is larger than test_size ({self.test_size}): "
                             "lower num_generate or raise test_size")

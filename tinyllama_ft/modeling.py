@@ -42,21 +42,45 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
-               trust_remote_code: bool = False, device: str | None = None):
-    """The base causal LM in `dtype` (frozen weights are held in the compute dtype)."""
-    if name_or_path == TINY_RANDOM_LLAMA:
+               trust_remote_code: bool = False, device: str | None = None, load_in_4bit: bool = False):
+    """The base causal LM in `dtype` (frozen weights are held in the compute dtype), or in 4-bit NF4
+    with double quantisation and `dtype` compute (QLoRA) when `load_in_4bit`."""
+    if name_or_path == TINY_RANDOM_LLAMA and not load_in_4bit:
         model = build_tiny_model().to(dtype)
     else:
         _check_local_folder(name_or_path, need_weights=True)
+        quantization = {}
+        if load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            quantization = dict(device_map={"": device or 0}, quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype))
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=dtype, attn_implementation=attn_implementation or default_attention(),
-                trust_remote_code=trust_remote_code, use_safetensors=True)
+                trust_remote_code=trust_remote_code, use_safetensors=True, **quantization)
         except OSError as error:
             raise UserError(f"could not load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
-    if device is not None:
+    if device is not None and not load_in_4bit:
         model.to(device)
     return model
+
+
+def check_target_modules(name_or_path: str, target_modules, trust_remote_code: bool = False) -> None:
+    """Fail before any weights load when the architecture lacks one of `target_modules`."""
+    if name_or_path == TINY_RANDOM_LLAMA:
+        _check_targets(build_tiny_model(), target_modules)
+        return
+    from transformers import AutoConfig
+
+    _check_local_folder(name_or_path, need_weights=True)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read the model config of {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    with torch.device("meta"):
+        _check_targets(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), target_modules)
 
 
 def default_attention() -> str:
@@ -69,15 +93,19 @@ def default_attention() -> str:
 def wrap_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
               target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> PeftModel:
     """Freeze the base and add LoRA adapters (kept in fp32) to `target_modules`."""
+    _check_targets(model, target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _check_targets(model, target_modules) -> None:
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in target_modules if m not in present]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"the model has no module named {', '.join(missing)}: choose lora_target_modules "
                         f"among {', '.join(linear)}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from .config import Config, compute_dtype
 from .data import (_stratified_sample, category_counts, encode_rows, length_stats, load_rows, split_rows)
 from .errors import UserError
 from .evaluate import evaluate_loss, generate, score_generations
-from .modeling import count_parameters, load_model, load_tokenizer, wrap_lora
+from .modeling import check_target_modules, count_parameters, load_model, load_tokenizer, wrap_lora
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def prepare_data(config: Config, tokenizer) -> Data:
         raise UserError(f"train_size + eval_size + test_size = {wanted} but {config.dataset_name} has only "
                         f"{len(rows)} rows: lower the sizes")
     encoded, excluded = encode_rows(tokenizer, rows, config.max_length)
+    if not encoded:
+        raise UserError(f"no row of {config.dataset_name} fits in max_length {config.max_length} "
+                        f"(first: {next(iter(excluded.values()))}): raise max_length")
     if excluded:
         log.info("excluded %d of %d rows (first: row %d, %s)", len(excluded), len(rows), *next(iter(excluded.items())))
     split = split_rows(rows, sorted(encoded), config.train_size, config.eval_size, config.test_size, config.seed)
@@ -74,7 +77,11 @@ def setup_model(config: Config, tokenizer=None):
     """The base model in the compute dtype with LoRA adapters (fp32) on `lora_target_modules`."""
     device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
     model = load_model(config.model_name_or_path, compute_dtype(config), config.attn_implementation,
-                       config.trust_remote_code, device=device)
+                       config.trust_remote_code, device=device, load_in_4bit=config.load_in_4bit)
+    if config.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     set_seed(config.seed)
     model = wrap_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     trainable, total = count_parameters(model)
@@ -181,6 +188,7 @@ def train(config: Config) -> dict:
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     data = prepare_data(config, tokenizer)
+    check_target_modules(config.model_name_or_path, config.lora_target_modules, config.trust_remote_code)
     log.info("data: %s", data.stats(config.max_length))
     model = setup_model(config, tokenizer)
     trainer = build_trainer(config, model, tokenizer, data)
