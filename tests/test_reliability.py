@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from tinyllama_ft import parse_config
 from tinyllama_ft.errors import UserError
-from tinyllama_ft.train import resume_path
+from tinyllama_ft.artifacts import resume_path
 
 RUN = ["--preset", "smoke", "--max_steps", "12", "--save_steps", "3", "--eval_steps", "100", "--num_generate", "0"]
 

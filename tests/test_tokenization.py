@@ -22,7 +22,7 @@ def test_literal_ids_and_mask(tinyllama_tokenizer):
 def test_every_real_dolly_row(tinyllama_tokenizer, dolly_rows):
     """Prompt ids equal the ids inference feeds; labels cover exactly the response and its EOS."""
     tok = tinyllama_tokenizer
-    encoded, excluded = encode_rows(tok, dolly_rows, max_length=10**6)
+    encoded, excluded, _ = encode_rows(tok, dolly_rows, max_length=10**6)
     assert len(encoded) + len(excluded) == len(dolly_rows) and len(encoded) > 1000
     for index, item in encoded.items():
         row = dolly_rows[index]
@@ -41,16 +41,18 @@ def test_every_real_dolly_row(tinyllama_tokenizer, dolly_rows):
 
 def test_response_tokens_are_a_minority_of_dolly(tinyllama_tokenizer, dolly_rows):
     """Why the mask matters: on Dolly most tokens are prompt tokens."""
-    encoded, _ = encode_rows(tinyllama_tokenizer, dolly_rows, max_length=10**6)
+    encoded, _, _ = encode_rows(tinyllama_tokenizer, dolly_rows, max_length=10**6)
     total = sum(len(e["input_ids"]) for e in encoded.values())
     trained = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded.values())
     assert 0.35 < trained / total < 0.5
 
 
 def test_rows_over_max_length_are_dropped_and_counted(tinyllama_tokenizer, dolly_rows):
-    encoded, excluded = encode_rows(tinyllama_tokenizer, dolly_rows[:200], max_length=256)
+    encoded, excluded, lengths = encode_rows(tinyllama_tokenizer, dolly_rows[:200], max_length=256)
     assert all(len(e["input_ids"]) <= 256 for e in encoded.values())
-    assert sum("max_length" in why for why in excluded.values()) > 0
+    too_long = {i for i, n in lengths.items() if n > 256}
+    assert too_long and too_long == {i for i, why in excluded.items() if "max_length" in why}
+    assert set(encoded) == set(lengths) - too_long
 
 
 @pytest.mark.parametrize("text", ["a </s> b", "<s>start", "x <|assistant|>\ny", "<unk>"])

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from peft import PeftConfig, PeftModel
 
+from transformers.trainer_utils import get_last_checkpoint
+
 from .errors import UserError
 from .modeling import load_model, load_tokenizer
 
@@ -21,14 +23,31 @@ def check_output_dir(config) -> None:
     """Refuse to overwrite a finished run unless asked to, or a half-written one unless resuming."""
     path = Path(config.output_dir)
     if not path.exists() or not any(path.iterdir()):
+        resume_path(config)
         return
-    resuming = config.resume_from_checkpoint not in (None, "false", "False")
+    resuming = resume_path(config) is not None  # also fails now, not after the model loads, if there is none
     if (path / "metrics.json").exists() and not config.overwrite_output_dir:
         raise UserError(f"{path} already holds a finished run: pass --overwrite_output_dir true or another "
                         "--output_dir")
     if not resuming and not config.overwrite_output_dir:
         raise UserError(f"{path} holds checkpoints of an unfinished run: pass --resume_from_checkpoint true to "
                         "continue it, or --overwrite_output_dir true to start over")
+
+
+def resume_path(args) -> str | None:
+    """`--resume_from_checkpoint true` means the newest complete checkpoint in `output_dir`."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", "0", ""):
+        return None
+    if str(value).lower() not in ("true", "yes", "1"):
+        if not Path(value).is_dir():
+            raise UserError(f"checkpoint {value} does not exist: pass a checkpoint-N folder or true")
+        return str(value)
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last is None:
+        raise UserError(f"no checkpoint to resume from in {args.output_dir}: run without "
+                        "--resume_from_checkpoint, or point --output_dir at the interrupted run")
+    return last
 
 
 def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: list, generations: dict) -> Path:

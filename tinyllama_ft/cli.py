@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: the last checkpoint stays usable
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_process()
     try:
         commands[command](rest)
     except UserError as error:
@@ -52,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def setup_process() -> None:
+    """Logging (only the main process of a multi-process run talks) and SIGTERM handling."""
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: the last checkpoint stays usable
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call chatter
 
 
 def _interrupt(signum, frame):
@@ -84,7 +93,7 @@ def cmd_preview(args: list[str]) -> None:
 
     tokenizer = load_tokenizer(opts.model_name_or_path)
     rows = load_rows(opts.dataset_name)[: opts.n]
-    encoded, excluded = encode_rows(tokenizer, rows, opts.max_length)
+    encoded, excluded, _ = encode_rows(tokenizer, rows, opts.max_length)
     lines = [json.dumps({"row": i, **encoded[i]}) for i in sorted(encoded)]
     if opts.out:
         with open(opts.out, "w", encoding="utf-8") as file:

@@ -162,25 +162,27 @@ def encode_example(tokenizer, example: dict) -> dict:
     return {"input_ids": prompt_ids + completion, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion}
 
 
-def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[dict[int, dict], dict[int, str]]:
-    """Encode every row; return ({row index: encoded}, {row index: why it was excluded}).
+def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[dict[int, dict], dict[int, str], dict[int, int]]:
+    """Encode every row; return ({row index: encoded}, {row index: why it was excluded},
+    {row index: token length}, the last also for rows dropped for length).
 
     Rows longer than `max_length` are dropped, not truncated: a truncated response loses the EOS
     the model must learn. Rows with special-token strings are dropped too."""
     from tqdm.auto import tqdm
 
-    encoded, excluded = {}, {}
+    encoded, excluded, lengths = {}, {}, {}
     for index, row in enumerate(tqdm(rows, desc="tokenizing", leave=False, mininterval=2)):
         try:
             item = encode_example(tokenizer, to_example(row))
         except UserError as error:
             excluded[index] = str(error)
             continue
+        lengths[index] = len(item["input_ids"])
         if len(item["input_ids"]) > max_length:
             excluded[index] = f"{len(item['input_ids'])} tokens > max_length {max_length}"
             continue
         encoded[index] = item
-    return encoded, excluded
+    return encoded, excluded, lengths
 
 
 def length_stats(lengths: list[int], max_length: int | None = None) -> dict:

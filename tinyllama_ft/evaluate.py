@@ -6,28 +6,52 @@ import math
 from collections import defaultdict
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, reduce
 from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, encode_prompt, to_example
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[dict], pad_token_id: int, batch_size: int = 4) -> dict:
-    """Token-weighted mean loss over the labelled (response + EOS) tokens, and its perplexity.
+def evaluate_loss(model, examples: list[dict], pad_token_id: int, batch_size: int = 4,
+                  groups: list[str] | None = None, progress: bool = True) -> dict:
+    """Token-weighted mean loss over the labelled (response + EOS) tokens, and its perplexity;
+    with `groups` (one label per example, e.g. its category) also `per_group` losses.
 
-    Rows are batched by length (less padding); only one batch's logits exist at a time."""
+    Rows are batched by length (less padding); only one batch's logits exist at a time. Under
+    several processes each scores its share of the rows and the sums are added up."""
     model.eval()
     device = next(model.parameters()).device
+    groups = groups or [""] * len(examples)
+    names = sorted(set(groups))
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, len(order), batch_size), desc="eval loss", leave=False):
-        batch = pad_batch([examples[i] for i in order[start:start + batch_size]], pad_token_id, device)
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        loss = model(**batch).loss
-        total_nll += float(loss) * tokens
-        total_tokens += tokens
-    mean = total_nll / max(total_tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(mean), "tokens": total_tokens}
+    state = PartialState()
+    totals = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # NLL sum, tokens, rows
+    with state.split_between_processes(order) as mine:
+        for start in tqdm(range(0, len(mine), batch_size), desc="eval loss", leave=False,
+                          disable=not (progress and state.is_main_process)):
+            chunk = mine[start:start + batch_size]
+            batch = pad_batch([examples[i] for i in chunk], pad_token_id, device)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none",
+                                                    ignore_index=IGNORE_INDEX)
+            counted = labels[:, 1:] != IGNORE_INDEX
+            for row, index in enumerate(chunk):
+                totals[names.index(groups[index])] += torch.stack(
+                    [nll[row].sum().double(), counted[row].sum().double(), torch.ones((), device=device).double()])
+    if state.num_processes > 1:
+        totals = reduce(totals, reduction="sum")
+    result = _loss(totals.sum(0))
+    if len(names) > 1:
+        result["per_group"] = {name: _loss(totals[i]) for i, name in enumerate(names)}
+    return result
+
+
+def _loss(total: torch.Tensor) -> dict:
+    mean = float(total[0]) / max(float(total[1]), 1.0)
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": int(total[1]), "rows": int(total[2])}
 
 
 def pad_batch(examples: list[dict], pad_token_id: int, device) -> dict[str, torch.Tensor]:
@@ -50,7 +74,8 @@ def generate(model, tokenizer, instructions: list[str] | str, contexts: list[str
              max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True) -> list[dict]:
     """Greedy responses, formatted exactly as in training; batched with left padding.
 
-    Returns one dict per input: `text` (the response) and `ended` (the model emitted EOS itself)."""
+    Returns one dict per input: `text` (the response) and `ended` (the model emitted EOS itself).
+    Under several processes each generates its share and every process gets all results."""
     single = isinstance(instructions, str)
     instructions = [instructions] if single else list(instructions)
     contexts = [contexts or ""] * len(instructions) if contexts is None or isinstance(contexts, str) else contexts
@@ -59,7 +84,17 @@ def generate(model, tokenizer, instructions: list[str] | str, contexts: list[str
     model.eval()
     device = next(model.parameters()).device
     results: list[dict | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    state = PartialState()
+    with state.split_between_processes(sorted(range(len(prompts)), key=lambda i: len(prompts[i]))) as order:
+        _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, batch_size, device,
+                       progress and state.is_main_process)
+    if state.num_processes > 1:
+        results = [next(r for r in gathered if r is not None)
+                   for gathered in zip(*gather_object([results]))]
+    return results[0] if single else results
+
+
+def _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, batch_size, device, progress):
     for start in tqdm(range(0, len(order), batch_size), desc="generating", leave=False, disable=not progress):
         chunk = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
@@ -73,7 +108,6 @@ def generate(model, tokenizer, instructions: list[str] | str, contexts: list[str
             ended = tokenizer.eos_token_id in new
             new = new[: new.index(tokenizer.eos_token_id)] if ended else new
             results[index] = {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "ended": ended}
-    return results[0] if single else results
 
 
 def score_generations(predictions: list[dict], references: list[str], categories: list[str] | None = None) -> dict:

@@ -17,10 +17,9 @@ import torch
 from datasets import Dataset
 from transformers import set_seed
 from transformers.trainer import rotate_checkpoints
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
-from .artifacts import check_output_dir, save_run
+from .artifacts import check_output_dir, resume_path, save_run
 from .config import Config, compute_dtype
 from .data import (_stratified_sample, category_counts, encode_rows, length_stats, load_rows, split_rows)
 from .errors import UserError
@@ -38,6 +37,7 @@ class Data:
     encoded: dict[int, dict]
     excluded: dict[int, str]
     split: dict[str, list[int]]
+    lengths: dict[int, int] = field(default_factory=dict)  # token length of every encodable row, kept or not
     generate_rows: list[int] = field(default_factory=list)
 
     def examples(self, part: str) -> list[dict]:
@@ -48,8 +48,7 @@ class Data:
 
     def stats(self, max_length: int) -> dict:
         lengths = [len(e["input_ids"]) for e in self.encoded.values()]
-        over = sum("max_length" in why for why in self.excluded.values())
-        return {"tokens": length_stats(lengths) | {"over_max_length": over}, "excluded": len(self.excluded),
+        return {"tokens": length_stats(list(self.lengths.values()), max_length), "excluded": len(self.excluded),
                 "categories": {part: category_counts(self.rows, idx) for part, idx in self.split.items()},
                 "response_token_share": sum(sum(l != -100 for l in e["labels"]) for e in self.encoded.values())
                 / max(sum(lengths), 1)}
@@ -62,7 +61,7 @@ def prepare_data(config: Config, tokenizer) -> Data:
     if wanted > len(rows):
         raise UserError(f"train_size + eval_size + test_size = {wanted} but {config.dataset_name} has only "
                         f"{len(rows)} rows: lower the sizes")
-    encoded, excluded = encode_rows(tokenizer, rows, config.max_length)
+    encoded, excluded, lengths = encode_rows(tokenizer, rows, config.max_length)
     if not encoded:
         raise UserError(f"no row of {config.dataset_name} fits in max_length {config.max_length} "
                         f"(first: {next(iter(excluded.values()))}): raise max_length")
@@ -70,7 +69,7 @@ def prepare_data(config: Config, tokenizer) -> Data:
         log.info("excluded %d of %d rows (first: row %d, %s)", len(excluded), len(rows), *next(iter(excluded.items())))
     split = split_rows(rows, sorted(encoded), config.train_size, config.eval_size, config.test_size, config.seed)
     generate_rows = _stratified_sample(rows, split["test"], config.num_generate, random.Random(config.seed))
-    return Data(rows, encoded, excluded, split, generate_rows)
+    return Data(rows, encoded, excluded, split, lengths, generate_rows)
 
 
 def setup_model(config: Config, tokenizer=None):
@@ -90,9 +89,25 @@ def setup_model(config: Config, tokenizer=None):
 
 
 class Trainer(SFTTrainer):
-    """TRL's SFTTrainer whose checkpoints appear only when complete: each is written to a hidden
-    `.tmp-checkpoint-N` folder and renamed into place, so a crash mid-save never leaves a
-    `checkpoint-N` that resuming would trust."""
+    """TRL's SFTTrainer with two changes:
+
+    * the validation loss it logs is `evaluate_loss`'s token-weighted response loss, the same
+      number as before and after training (the stock one averages per-batch means);
+    * checkpoints appear only when complete: each is written to a hidden `.tmp-checkpoint-N`
+      folder and renamed into place, so a crash mid-save never leaves a `checkpoint-N` that
+      resuming would trust."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        start = time.perf_counter()
+        loss = evaluate_loss(self.model, dataset.select_columns(["input_ids", "labels"]).to_list(),
+                             self.processing_class.pad_token_id, self.args.per_device_eval_batch_size)
+        metrics = {f"{metric_key_prefix}_loss": loss["loss"], f"{metric_key_prefix}_perplexity": loss["perplexity"],
+                   f"{metric_key_prefix}_runtime": time.perf_counter() - start}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.model.train()
+        return metrics
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)
@@ -122,20 +137,30 @@ def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
 
 
 def evaluate_model(config: Config, model, tokenizer, data: Data) -> dict:
-    """Validation loss/perplexity over response tokens, and generation metrics on the test rows."""
-    metrics = {}
+    """Validation loss/perplexity over response tokens, and generation metrics on the test rows;
+    overall and, under `per_category`, for each Dolly category."""
+    metrics, per_category = {}, {}
     if data.split["validation"]:
+        categories = [data.rows[i].get("category", "") for i in data.split["validation"]]
         loss = evaluate_loss(model, data.examples("validation"), tokenizer.pad_token_id,
-                             config.per_device_eval_batch_size)
+                             config.per_device_eval_batch_size, groups=categories)
         metrics |= {"eval_loss": loss["loss"], "eval_perplexity": loss["perplexity"], "eval_tokens": loss["tokens"]}
+        for category, group in loss.get("per_group", {}).items():
+            per_category[category] = {"eval_loss": group["loss"], "eval_perplexity": group["perplexity"],
+                                      "eval_tokens": group["tokens"], "eval_rows": group["rows"]}
     if data.generate_rows:
         rows = [data.rows[i] for i in data.generate_rows]
         predictions = generate(model, tokenizer, [r["instruction"] for r in rows], [r["context"] for r in rows],
                                config.max_new_tokens, batch_size=max(config.per_device_eval_batch_size, 8))
-        metrics |= score_generations(predictions, [r["response"].strip() for r in rows],
-                                     [r.get("category", "") for r in rows])
+        scores = score_generations(predictions, [r["response"].strip() for r in rows],
+                                   [r.get("category", "") for r in rows])
+        for category, group in scores.pop("per_category", {}).items():
+            per_category[category] = per_category.get(category, {}) | group
+        metrics |= scores
         metrics["generations"] = [{"row": i, "response": p["text"], "ended": p["ended"]}
                                   for i, p in zip(data.generate_rows, predictions)]
+    if per_category:
+        metrics["per_category"] = dict(sorted(per_category.items()))
     return metrics
 
 
@@ -156,34 +181,18 @@ def fit(trainer: SFTTrainer) -> dict:
     metrics = {"train_loss": output.training_loss, "train_runtime": runtime, "train_steps": output.global_step,
                "train_tokens": int(trainer.state.num_input_tokens_seen),
                "train_tokens_per_second": trainer.state.num_input_tokens_seen / runtime,
-               "world_size": trainer.args.world_size}
+               "world_size": trainer.args.world_size,
+               "effective_batch_size": trainer.args.per_device_train_batch_size
+               * trainer.args.gradient_accumulation_steps * trainer.args.world_size}
     if torch.cuda.is_available():
         metrics["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
         metrics["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
     return metrics
 
 
-def resume_path(args) -> str | None:
-    """`--resume_from_checkpoint true` means the newest complete checkpoint in `output_dir`."""
-    value = args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "no", "0", ""):
-        return None
-    if str(value).lower() not in ("true", "yes", "1"):
-        if not Path(value).is_dir():
-            raise UserError(f"checkpoint {value} does not exist: pass a checkpoint-N folder or true")
-        return str(value)
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    if last is None:
-        raise UserError(f"no checkpoint to resume from in {args.output_dir}: run without "
-                        "--resume_from_checkpoint, or point --output_dir at the interrupted run")
-    log.info("resuming from %s", last)
-    return last
-
-
 def train(config: Config) -> dict:
     """The whole run; writes `config.output_dir` and returns its metrics."""
     check_output_dir(config)
-    resume_path(config)  # fail now, not after loading the model
     log.info("configuration:\n%s", config.to_json())
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)

@@ -1,0 +1,33 @@
+"""Run `tinyllama_ft.train.train` under torchrun and record, per process, which training rows its
+batches held: `torchrun --nproc_per_node 2 tests/ddp_probe.py --preset smoke --output_dir D ...`."""
+
+import importlib
+import json
+import os
+import sys
+
+from tinyllama_ft import parse_config
+from tinyllama_ft.cli import setup_process
+
+pipeline = importlib.import_module("tinyllama_ft.train")
+build_trainer, seen = pipeline.build_trainer, []
+
+
+def build_and_record(*args, **kwargs):
+    trainer = build_trainer(*args, **kwargs)
+    collate = trainer.data_collator
+
+    def recording(examples):
+        seen.extend(json.dumps(e["input_ids"]) for e in examples)
+        return collate(examples)
+
+    trainer.data_collator = recording
+    return trainer
+
+
+pipeline.build_trainer = build_and_record
+setup_process()
+config = parse_config(sys.argv[1:])
+pipeline.train(config)
+with open(os.path.join(config.output_dir, f"seen-rank{os.environ['RANK']}.json"), "w") as file:
+    json.dump(seen, file)
