@@ -1,6 +1,7 @@
 """The command line contract: config, preview, the smoke preset end to end, generate, export, errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -62,7 +63,11 @@ def test_smoke_preset_end_to_end(tmp_path):
     printed = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8).stdout
     model, tokenizer = load_for_inference(str(out), device="cpu")
     assert printed == generate(model, tokenizer, "Name a color.", max_new_tokens=8)["text"] + "\n"
-    cli("export", "--adapter", out, "--out", tmp_path / "merged")
+    env_without_token = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    exported = subprocess.run([sys.executable, "-m", "tinyllama_ft", "export", "--adapter", str(out), "--out",
+                               str(tmp_path / "merged"), "--push_to_hub", "someone/tiny"], cwd=ROOT,
+                              capture_output=True, text=True, env=env_without_token | {"HF_HOME": str(tmp_path)})
+    assert exported.returncode == 0 and "push skipped: no hub token" in exported.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     again = cli("train", "--preset", "smoke", "--output_dir", out, check=False)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr

@@ -35,3 +35,21 @@ def test_two_processes_train_disjoint_rows_and_write_one_complete_run(tmp_path):
     model, tokenizer = load_for_inference(str(out), device="cpu")
     assert isinstance(generate(model, tokenizer, "Name a color.", max_new_tokens=4)["text"], str)
     assert result.stderr.count("configuration:") == 1, "only the main process logs"
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_accelerate_configs_start_with_two_cpu_processes(name, tmp_path):
+    """Each shipped accelerate config trains 2 steps with 2 CPU processes and writes a loadable run."""
+    if name.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is optional: pip install deepspeed")
+    accelerate = shutil.which("accelerate") or pytest.skip("accelerate not on PATH")
+    out = tmp_path / name
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{name}.yaml"),
+           "--main_process_port", "29519", "-m", "tinyllama_ft", "train", "--preset", "smoke", "--use_cpu", "true",
+           "--max_steps", "2", "--num_generate", "2", "--output_dir", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train_steps"] == 2
+    model, _ = load_for_inference(str(out), device="cpu")
+    assert sum(p.abs().sum() for n, p in model.named_parameters() if "lora_B" in n) > 0

@@ -50,28 +50,35 @@ def resume_path(args) -> str | None:
     return last
 
 
-def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: list, generations: dict) -> Path:
+def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: list, generations: dict,
+             trainer=None) -> Path:
     """Adapter, tokenizer (with chat template), resolved config, split, log history, generations and
-    metrics into `config.output_dir`. Files are written to a temporary folder beside it and moved in,
-    `metrics.json` last, so a folder with `metrics.json` is always complete."""
+    metrics into `config.output_dir`. Files are written to a hidden folder inside it and moved in,
+    `metrics.json` last, so a folder with `metrics.json` is always complete.
+
+    With `trainer`, the adapter is written by `trainer.save_model`, which gathers adapters that
+    FSDP or DeepSpeed ZeRO-3 shard: then call this on every process; only the main one writes."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
-        tokenizer.save_pretrained(tmp)
-        _write_json(Path(tmp, "run_config.json"), json.loads(config.to_json()))
-        _write_json(Path(tmp, "split.json"), split)
-        _write_json(Path(tmp, "log_history.json"), log_history)
-        _write_json(Path(tmp, "generations.json"), generations)
-        _write_json(Path(tmp, "metrics.json"), metrics)
-        names = sorted(os.listdir(tmp), key=lambda n: n == "metrics.json")
-        for name in names:
-            if Path(tmp, name).is_file():
-                os.chmod(Path(tmp, name), 0o644)  # safetensors writes 0600; the folder is meant to be shared
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(Path(tmp, name), target)
+    staging = out / ".tmp-final"
+    if trainer is not None:
+        trainer.save_model(str(staging))  # a collective under ZeRO-3 / FSDP
+        if not trainer.is_world_process_zero():
+            return out
+    else:
+        model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_config.json says the same
+    tokenizer.save_pretrained(staging)
+    for name, data in (("run_config.json", json.loads(config.to_json())), ("split.json", split),
+                       ("log_history.json", log_history), ("generations.json", generations),
+                       ("metrics.json", metrics)):
+        _write_json(staging / name, data)
+    for name in sorted(os.listdir(staging), key=lambda n: n == "metrics.json"):
+        if (staging / name).is_file():
+            os.chmod(staging / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        os.replace(staging / name, out / name)
+    staging.rmdir()
     return out
 
 
@@ -112,6 +119,22 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def push_to_hub(folder: str, repo_id: str) -> str:
+    """Upload a folder to a (private) hub repo; returns a one-line outcome. Skipped, with the reason,
+    when there is no token or no network. The token is read by huggingface_hub, never printed."""
+    from huggingface_hub import HfApi, get_token
+
+    if not get_token():
+        return f"push skipped: no hub token (set HF_TOKEN or run `hf auth login`); {folder} is saved locally"
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=True, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo_id)
+    except Exception as error:  # no network, no permission: the local folder is still complete
+        return f"push skipped: could not upload to {repo_id} ({type(error).__name__}); {folder} is saved locally"
+    return f"pushed {folder} to {repo_id}"
 
 
 def _fix_generation_config(model, tokenizer) -> None:

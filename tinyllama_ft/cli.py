@@ -20,7 +20,8 @@ commands:
   train     [--config F.yaml] [--preset smoke] [--name value ...]
                                                   fine-tune, evaluate and save a run folder
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N]
-  export    --adapter DIR --out DIR                merge the adapter into a standalone model
+  export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
+                                                  merge the adapter into a standalone model
   bench     --preset cpu|gpu [--out F.json]       seed configuration vs default, side by side
 
 `python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks."""
@@ -122,10 +123,13 @@ def cmd_export(args: list[str]) -> None:
     parser = _parser("export")
     parser.add_argument("--adapter", required=True, help="output folder of a finished run")
     parser.add_argument("--out", required=True, help="new folder for the merged model")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload it to this (private) hub repo")
     opts = _parse(parser, args)
-    from .artifacts import export_merged
+    from .artifacts import export_merged, push_to_hub
 
     print(export_merged(opts.adapter, opts.out))
+    if opts.push_to_hub:
+        print(push_to_hub(opts.out, opts.push_to_hub), file=sys.stderr)
 
 
 def cmd_bench(args: list[str]) -> None:

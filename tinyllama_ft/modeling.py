@@ -110,8 +110,9 @@ def _check_targets(model, target_modules) -> None:
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (DeepSpeed ZeRO-3 partitions params)
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())
 
 
 def _check_local_folder(name_or_path: str, need_weights: bool) -> None:

@@ -205,9 +205,9 @@ def train(config: Config) -> dict:
     train_metrics = fit(trainer)
     tuned = evaluate_model(config, model, tokenizer, data)
     metrics = summarize(base, tuned, train_metrics, model, data, config)
-    if trainer.is_world_process_zero():
-        save_run(config, model, tokenizer, metrics, data.split, trainer.state.log_history,
-                 generations={"base": base.get("generations", []), "tuned": tuned.get("generations", [])})
+    save_run(config, model, tokenizer, metrics, data.split, trainer.state.log_history,
+             generations={"base": base.get("generations", []), "tuned": tuned.get("generations", [])},
+             trainer=trainer)
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
     return metrics
 
