@@ -208,18 +208,18 @@ def split_rows(rows: list[dict], indices: list[int], train_size: int, eval_size:
                         f"{len(indices)} usable rows: lower them")
     rng = random.Random(seed)
     rest = sorted(indices)
-    held = _stratified_sample(rows, rest, eval_size + test_size, rng)
+    held = stratified_sample(rows, rest, eval_size + test_size, rng)
     rest = sorted(set(rest) - set(held))
     if train_size > len(rest):
         raise UserError(f"train_size {train_size} is larger than the {len(rest)} rows left after the "
                         f"held-out splits: lower train_size to at most {len(rest)}")
-    validation = _stratified_sample(rows, held, eval_size, rng)
+    validation = stratified_sample(rows, held, eval_size, rng)
     test = sorted(set(held) - set(validation))
-    train = _stratified_sample(rows, rest, train_size, rng)
+    train = stratified_sample(rows, rest, train_size, rng)
     return {"train": train, "validation": validation, "test": test}
 
 
-def _stratified_sample(rows: list[dict], pool: list[int], n: int, rng: random.Random) -> list[int]:
+def stratified_sample(rows: list[dict], pool: list[int], n: int, rng: random.Random) -> list[int]:
     """`n` indices from `pool`, each category getting its share (largest remainder), sorted."""
     groups = defaultdict(list)
     for index in sorted(pool):

@@ -21,7 +21,7 @@ from trl import SFTTrainer
 
 from .artifacts import check_output_dir, resume_path, save_run
 from .config import Config, compute_dtype
-from .data import (_stratified_sample, category_counts, encode_rows, length_stats, load_rows, split_rows)
+from .data import category_counts, encode_rows, length_stats, load_rows, split_rows, stratified_sample
 from .errors import UserError
 from .evaluate import evaluate_loss, generate, score_generations
 from .modeling import check_target_modules, count_parameters, load_model, load_tokenizer, wrap_lora
@@ -68,7 +68,7 @@ def prepare_data(config: Config, tokenizer) -> Data:
     if excluded:
         log.info("excluded %d of %d rows (first: row %d, %s)", len(excluded), len(rows), *next(iter(excluded.items())))
     split = split_rows(rows, sorted(encoded), config.train_size, config.eval_size, config.test_size, config.seed)
-    generate_rows = _stratified_sample(rows, split["test"], config.num_generate, random.Random(config.seed))
+    generate_rows = stratified_sample(rows, split["test"], config.num_generate, random.Random(config.seed))
     return Data(rows, encoded, excluded, split, lengths, generate_rows)
 
 
@@ -220,6 +220,4 @@ def summarize(base: dict, tuned: dict, train_metrics: dict, model, data: Data, c
     metrics["rows"] = {part: len(idx) for part, idx in data.split.items()} | {"excluded": len(data.excluded)}
     if "per_category" in tuned:
         metrics["per_category"] = {"base": base["per_category"], "tuned": tuned["per_category"]}
-    if not data.split["train"]:
-        raise UserError("no training rows")
     return metrics
