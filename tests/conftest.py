@@ -1,4 +1,4 @@
-"""Shared fixtures. Real assets come from `TINYLLAMA_FT_ASSETS` (default `../shared/assets`);
+"""Shared fixtures. Real assets come from `TINYLLAMA_ASSETS` (default `../shared/assets`);
 tests that need them skip with the reason when they are absent (a user's fresh clone)."""
 
 import json
@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(os.environ.get("TINYLLAMA_FT_ASSETS", ROOT.parent / "shared" / "assets"))
+ASSETS = Path(os.environ.get("TINYLLAMA_ASSETS", ROOT.parent / "shared" / "assets"))
 
 
 def asset(name: str) -> Path:
     path = ASSETS / name
     if not path.exists():
-        pytest.skip(f"offline asset {path} not found (set TINYLLAMA_FT_ASSETS to the shared assets folder)")
+        pytest.skip(f"offline asset {path} not found (set TINYLLAMA_ASSETS to the shared assets folder)")
     return path
 
 

@@ -163,7 +163,7 @@ def test_loss_curves_and_comparison_save_pngs_and_tables(tmp_path):
 
 def notebook_env(run_dir: Path, **variables: str) -> dict:
     """This environment without TINYLLAMA_FT_* settings, plus `variables`; the kernel's `python` is ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYLLAMA_FT_") or k == "TINYLLAMA_FT_ASSETS"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYLLAMA_FT_")}
     env |= {"TINYLLAMA_FT_OUTPUT_DIR": str(run_dir), "TINYLLAMA_FT_OVERWRITE_OUTPUT_DIR": "true", **variables}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # figures display as image/png
