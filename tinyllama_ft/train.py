@@ -5,6 +5,7 @@ Each stage is one function the notebook calls on its own; `train` chains them fo
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -127,12 +128,25 @@ class Trainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
 
+def trainer_config(config: Config) -> Config:
+    """The configuration handed to TRL. With padding-free batches (the default) TRL gets
+    `max_length=None`, as it refuses `padding_free` without packing otherwise (rows over `max_length`
+    are already dropped by `prepare_data`), and counts every token as real, since none is padding
+    (its `non_padding` count would skip the EOS tokens, which equal the pad token)."""
+    if config.padding_free and not config.packing and config.max_length is not None:
+        config = copy.copy(config)
+        config.max_length = None
+        config.include_num_input_tokens_seen = "all" if config.pad_to_multiple_of is None else "non_padding"
+    return config
+
+
 def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
-    """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100, so the EOS stays trained."""
+    """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100 (or, padding-free,
+    concatenates rows with restarting position ids), so the EOS stays trained."""
     eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
     if eval_dataset is None:
         config.eval_strategy = "no"
-    return Trainer(model=model, args=config, train_dataset=data.dataset("train"), eval_dataset=eval_dataset,
+    return Trainer(model=model, args=trainer_config(config), train_dataset=data.dataset("train"), eval_dataset=eval_dataset,
                       processing_class=tokenizer)
 
 

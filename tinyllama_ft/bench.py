@@ -1,0 +1,482 @@
+"""`python -m tinyllama_ft bench --preset cpu|gpu [--out F.json]`: the seed's training configuration
+against the project's default, on the same model, the same rows and the same real tokens.
+
+Each configuration trains through the project's own path (`parse_config` with overrides ->
+`prepare_data` -> `setup_model` -> `build_trainer` -> `fit`) in a subprocess of its own, so that peak
+memory (peak RSS on CPU, `torch.cuda.max_memory_reserved` on CUDA) belongs to that configuration
+alone. Reported per configuration: real (non-padding) tokens per second, the share of computed tokens
+that are padding, peak memory and seconds per optimizer step; and `speedup`, the default's real
+tokens/s over the seed's.
+
+Presets:
+
+* ``cpu``: a small random Llama (hidden 256, 4 layers, vocabulary 32,000) on the real TinyLlama
+  tokenizer, so that sequence lengths are real; a few minutes on 2 cores.
+* ``gpu``: TinyLlama-1.1B's exact shape with random weights (throughput does not depend on the
+  weight values); also reports model FLOPs utilisation against the bf16 matmul peak of the card,
+  measured in the same run. Needs one CUDA GPU.
+
+Data: the 1,109-row Dolly sample from the offline assets (`TINYLLAMA_ASSETS`, default
+``../shared/assets`` next to the repository) where present, else the sample bundled with the
+package. The tokenizer (and, for ``gpu``, the architecture) come from the assets too, else from the
+hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .train import trainer_config  # noqa: F401  (re-exported: the bench and its tests use it)
+
+TINYLLAMA_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The seed's training configuration, spelled out so that it stays the seed's when the project's
+# defaults change: batches of 2 rows in random order, each padded to its longest row, 8 micro-batches
+# per optimizer step, gradient checkpointing, plain (non-fused) AdamW, fp16 on CUDA (fp32 on CPU).
+SEED = dict(
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=8,
+    train_sampling_strategy="random",
+    padding_free=False,
+    packing=False,
+    gradient_checkpointing=True,
+    optim="adamw_torch",
+)
+
+# The proposed default, as overrides of the current defaults (a no-op once config.py carries them).
+# Padding-free batches of the same 2 random rows: the rows are concatenated into one sequence with
+# position ids restarting at 0 per row, so nothing is padded and (with SDPA or FlashAttention) no row
+# attends to another; the same rows make the same optimizer steps, so what is learned is unchanged.
+# Gradient checkpointing stays on (the default) until `--preset gpu` has measured that TinyLlama at
+# batch 2 x 1,024 tokens fits 12 GB without it; `no_checkpointing` among the candidates measures the gain.
+PROPOSED = dict(
+    padding_free=True,
+    optim="adamw_torch_fused",
+)
+
+# Other candidates measured for docs/PERFORMANCE.md (`--candidates`); each is PROPOSED/SEED + overrides.
+CANDIDATES = {
+    "seed_no_checkpointing": dict(SEED, gradient_checkpointing=False),
+    "group_by_length": dict(SEED, gradient_checkpointing=False, optim="adamw_torch_fused",
+                            train_sampling_strategy="group_by_length"),
+    "no_checkpointing": dict(PROPOSED, gradient_checkpointing=False),
+    "padding_free_4x4": dict(PROPOSED, per_device_train_batch_size=4, gradient_accumulation_steps=4),
+    "padding_free_16x1": dict(PROPOSED, per_device_train_batch_size=16, gradient_accumulation_steps=1),
+    "packing_bfd": dict(PROPOSED, packing=True, packing_strategy="bfd", per_device_train_batch_size=1,
+                        gradient_accumulation_steps=4),
+}
+
+BENCH_PRESETS = {
+    "cpu": dict(train_size=128, max_length=1024,
+                model=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2)),
+    # 1,088 of the 1,097 sample rows that fit 1,024 tokens: 68 optimizer steps
+    "gpu": dict(train_size=1088, max_length=1024, model=None),  # None: TinyLlama's own config
+}
+
+KEYS = ("real_tokens_per_second", "padding_share", "peak_memory_bytes", "seconds_per_step")
+GIB = 1024 ** 3
+CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context and kernels: outside what PyTorch's allocator reserves
+
+
+# --- where things are --------------------------------------------------------------------------
+
+def assets_dir() -> Path:
+    """The offline assets: `TINYLLAMA_ASSETS`, else ``../shared/assets`` from the repository root."""
+    return Path(os.environ.get("TINYLLAMA_ASSETS") or REPO_ROOT.parent / "shared" / "assets")
+
+
+def bench_dataset() -> str:
+    """The real Dolly sample from the assets where present, else the package's bundled sample."""
+    dolly = assets_dir() / "dolly" / "dolly-sample-1109.jsonl"
+    return str(dolly) if dolly.is_file() else _bundled_sample()
+
+
+def _bundled_sample() -> str:
+    from .config import SAMPLE_DATA
+
+    return SAMPLE_DATA
+
+
+def _tokenizer_source() -> str:
+    local = assets_dir() / "tinyllama-tokenizer"
+    return str(local) if local.is_dir() else TINYLLAMA_ID
+
+
+def _architecture_source() -> str:
+    local = assets_dir() / "tinyllama-1.1b-config"
+    return str(local) if (local / "config.json").is_file() else TINYLLAMA_ID
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of the command line
+        raise UserError(f"{self.prog}: {message}")
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def main(args: list[str]) -> dict:
+    parser = _Parser(prog="python -m tinyllama_ft bench",
+                     description="Seed training configuration vs the project default.")
+    parser.add_argument("--preset", required=True, choices=sorted(BENCH_PRESETS))
+    parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--rows", type=int, help="training rows (one epoch; a multiple of 16 keeps every optimizer "
+                        "step full). Default: 128 for cpu, 1088 for gpu")
+    parser.add_argument("--candidates", action="store_true",
+                        help="also measure the other candidate configurations (slower)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every configuration N times, interleaved, and keep each one's fastest run "
+                        "(for a shared or noisy machine)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads per training process (default: PyTorch's, one per core)")
+    opts = parser.parse_args(args)
+    if opts.threads is not None and opts.threads < 1:
+        raise UserError(f"bench: --threads must be >= 1, got {opts.threads}")
+    if opts.repeat < 1:
+        raise UserError(f"bench: --repeat must be >= 1, got {opts.repeat}")
+    preset = dict(BENCH_PRESETS[opts.preset])
+    if opts.rows is not None:
+        if opts.rows < 2:
+            raise UserError(f"bench: --rows must be >= 2, got {opts.rows}")
+        preset["train_size"] = opts.rows
+    if opts.preset == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("bench --preset gpu needs a CUDA GPU and none is visible: run --preset cpu here, "
+                            "or run this on a GPU machine")
+    if opts.out:
+        out_dir = Path(opts.out).resolve().parent
+        if not out_dir.is_dir():
+            raise UserError(f"bench: folder {out_dir} of --out does not exist")
+
+    dataset = bench_dataset()
+    if dataset == _bundled_sample() and opts.rows is None:  # 48 rows only
+        preset["train_size"] = 32
+        print(f"bench: the Dolly sample is not under {assets_dir()}; using the 48-row sample bundled with the "
+              "package (32 training rows)", file=sys.stderr)
+    device = "cuda" if opts.preset == "gpu" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="tinyllama-ft-bench-") as tmp:
+        tmp = Path(tmp)
+        prepared = _run_worker(tmp, "prepare", dict(preset=opts.preset, folder=str(tmp / "model"),
+                                                    model=preset["model"], device=device))
+        common = dict(model_name_or_path=prepared["folder"], dataset_name=dataset,
+                      train_size=preset["train_size"], max_length=preset["max_length"])
+        precision = {"cpu": "fp32", "gpu": "fp16"}[device]
+        configs = {"baseline": dict(SEED, precision=precision), "default": dict(PROPOSED, precision="auto")}
+        if opts.candidates:  # those built on the seed keep the seed's precision
+            configs |= {name: dict(c, precision=precision if c["optim"] == SEED["optim"] else "auto")
+                        for name, c in CANDIDATES.items()}
+        results: dict[str, dict] = {}
+        for attempt in range(opts.repeat):
+            for name, overrides in configs.items():
+                print(f"bench: training {name} ({_describe(overrides)})"
+                      + (f", run {attempt + 1} of {opts.repeat}" if opts.repeat > 1 else "") + " ...",
+                      file=sys.stderr, flush=True)
+                result = _run_worker(tmp, "train", dict(name=name, device=device, tmp=str(tmp), threads=opts.threads,
+                                                        overrides=common | overrides))
+                result["runs"] = results.get(name, {}).get("runs", []) + [result["real_tokens_per_second"]]
+                if name not in results or result["real_tokens_per_second"] > results[name]["real_tokens_per_second"]:
+                    results[name] = result
+                else:
+                    results[name]["runs"] = result["runs"]
+                if device == "cuda":
+                    _add_mfu(results[name], prepared)
+        for result in results.values():
+            base = results["baseline"]
+            result["same_micro_batches_as_baseline"] = result["micro_batch_digest"] == base["micro_batch_digest"]
+            result["same_row_order_as_baseline"] = result["row_order_digest"] == base["row_order_digest"]
+
+    report = {"preset": opts.preset, "device": prepared["device_name"], "model": prepared["model"],
+              "dataset": common["dataset_name"], "rows": preset["train_size"],
+              "baseline": results.pop("baseline"), "default": results.pop("default")}
+    report["speedup"] = report["default"]["real_tokens_per_second"] / report["baseline"]["real_tokens_per_second"]
+    if results:
+        report["candidates"] = results
+    if device == "cuda":
+        report["bf16_matmul_peak_flops"] = prepared["bf16_matmul_peak_flops"]
+    print(format_table(report))
+    if opts.out:
+        Path(opts.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _describe(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def format_table(report: dict) -> str:
+    rows = [("baseline (seed)", report["baseline"]), ("default", report["default"])]
+    rows += list(report.get("candidates", {}).items())
+    mfu = "mfu" in report["baseline"]
+    head = (f"{'configuration':<22}{'real tok/s':>11}{'padding':>9}{'peak mem GiB':>13}{'worst GiB':>10}"
+            f"{'s/step':>8}{'steps':>6}{'tok/cpu-s':>10}  rows vs seed")
+    threads = "" if report["preset"] == "gpu" else f", {report['baseline']['threads']} threads"
+    lines = [f"bench --preset {report['preset']} on {report['device']}{threads}: {report['rows']} rows of "
+             f"{Path(report['dataset']).name}, model {report['model']}", head + ("    MFU" if mfu else "")]
+    for name, r in rows:
+        same = ("same batches" if r["same_micro_batches_as_baseline"] else
+                "same order" if r["same_row_order_as_baseline"] else "reordered")
+        line = (f"{name:<22}{r['real_tokens_per_second']:>11.1f}{r['padding_share']:>9.1%}"
+                f"{r['peak_memory_bytes'] / GIB:>13.2f}{r['worst_case_peak_memory_bytes'] / GIB:>10.2f}"
+                f"{r['seconds_per_step']:>8.2f}{r['steps']:>6}{r['real_tokens_per_cpu_second']:>10.1f}  {same:<12}")
+        lines.append(line + (f"{r['mfu']:>7.1%}" if mfu else ""))
+    lines.append(f"speedup (default / baseline, real tokens/s): {report['speedup']:.2f}x")
+    if report["preset"] == "gpu":
+        lines.append("fits a 12 GB GPU (largest of peak and worst-case reserved, + 0.5 GiB CUDA context, <= 12 GiB): "
+                     + ", ".join(f"{name} {'yes' if r['fits_12gb'] else 'NO'}" for name, r in rows))
+    return "\n".join(lines)
+
+
+# --- subprocesses ------------------------------------------------------------------------------
+
+def _run_worker(tmp: Path, kind: str, spec: dict) -> dict:
+    """Run `_worker` in a fresh Python process; its peak memory is its own."""
+    name = spec.get("name", kind)
+    spec_path, result_path, log_path = tmp / f"{name}.spec.json", tmp / f"{name}.result.json", tmp / f"{name}.log"
+    spec_path.write_text(json.dumps(dict(spec, kind=kind, result=str(result_path))), encoding="utf-8")
+    result_path.unlink(missing_ok=True)  # a run repeated must not read its previous result
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.run([sys.executable, "-m", "tinyllama_ft.bench", str(spec_path)],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp))
+    if process.returncode != 0 or not result_path.is_file():
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        sys.stderr.write("\n".join(tail) + "\n")
+        last = next((line for line in reversed(tail) if line.strip()), "no output")
+        raise UserError(f"bench: the {name} run failed (exit {process.returncode}): {last.strip()}")
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    if "error" in result:
+        raise UserError(f"bench: the {name} run stopped: {result['error']}")
+    return result
+
+
+def _worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    try:
+        result = {"prepare": _prepare, "train": _train}[spec["kind"]](spec)
+    except UserError as error:  # reported by the parent as one line
+        result = {"error": str(error)}
+    Path(spec["result"]).write_text(json.dumps(result), encoding="utf-8")
+
+
+def _prepare(spec: dict) -> dict:
+    """Write the benchmark model (random weights) with the real TinyLlama tokenizer to `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(_tokenizer_source())
+    device = spec["device"]
+    if spec["model"] is None:  # TinyLlama's exact architecture
+        config = LlamaConfig.from_pretrained(_architecture_source())
+        description = "TinyLlama-1.1B shape, random weights"
+    else:
+        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **spec["model"])
+        description = (f"random Llama hidden {config.hidden_size} x {config.num_hidden_layers} layers, "
+                       f"vocab {config.vocab_size}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    embedding = model.get_input_embeddings().weight.numel()
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(spec["folder"])
+    tokenizer.save_pretrained(spec["folder"])
+    result = {"folder": spec["folder"], "model": f"{description}, {parameters / 1e6:.1f}M parameters",
+              "parameters": parameters, "matmul_parameters": parameters - embedding,
+              "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+              "device_name": _device_name(device)}
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        result["bf16_matmul_peak_flops"] = bf16_matmul_peak()
+    return result
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    name = "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def bf16_matmul_peak(n: int = 8192, iterations: int = 20) -> float:
+    """Achieved bf16 matmul FLOP/s of the current GPU: the best of three timed runs of n x n x n."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(iterations):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * iterations / (time.perf_counter() - start))
+    del a, b
+    torch.cuda.empty_cache()
+    return best
+
+
+class CountingCollator:
+    """Wraps the trainer's collator; counts real tokens (the rows' own) and computed tokens (the batch), and
+    fingerprints the order of the rows and their grouping into micro-batches."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.real = self.computed = 0
+        self.row_lengths: list[int] = []
+        self._rows, self._batches = hashlib.sha1(), hashlib.sha1()
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        for example in examples:
+            lengths = example.get("seq_lengths") or [len(example["input_ids"])]  # packed examples hold several
+            self.row_lengths += list(lengths)
+            self.real += sum(lengths)
+            self._rows.update(repr(list(example["input_ids"])).encode())
+        self._batches.update(repr([list(e["input_ids"]) for e in examples]).encode())
+        self.computed += batch["input_ids"].numel()
+        return batch
+
+    @property
+    def row_order_digest(self) -> str:
+        return self._rows.hexdigest()
+
+    @property
+    def micro_batch_digest(self) -> str:
+        return self._batches.hexdigest()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _train(spec: dict) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from .config import parse_config
+    from .modeling import load_tokenizer
+    from .train import build_trainer, fit, prepare_data, setup_model
+
+    cuda = spec["device"] == "cuda"
+    tmp = Path(spec["tmp"])
+    overrides = dict(output_dir=str(tmp / "runs" / spec["name"]), eval_size=0, test_size=0, num_generate=0,
+                     eval_strategy="no", save_strategy="no", logging_steps=10_000, report_to="none",
+                     disable_tqdm=True, num_train_epochs=1, max_steps=-1, use_cpu=not cuda,
+                     dataloader_num_workers=0) | spec["overrides"]  # 0: the counting collator runs here
+    config = parse_config([], **overrides)
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    data = prepare_data(config, tokenizer)
+    model = setup_model(config, tokenizer)
+    trainer = build_trainer(trainer_config(config), model, tokenizer, data)
+    counter = trainer.data_collator = CountingCollator(trainer.data_collator)
+    if cuda:
+        torch.cuda.synchronize()
+    cpu_start = _cpu_seconds()
+    metrics = fit(trainer)
+    cpu_seconds = _cpu_seconds() - cpu_start
+    peak = metrics["peak_memory_reserved_bytes"] if cuda else _peak_rss_bytes()
+    steps = max(metrics["train_steps"], 1)
+    result = {
+        "real_tokens_per_second": counter.real / metrics["train_runtime"],
+        "padding_share": 1 - counter.real / max(counter.computed, 1),
+        "peak_memory_bytes": int(peak),
+        "seconds_per_step": metrics["train_runtime"] / steps,
+        "steps": metrics["train_steps"], "runtime_seconds": metrics["train_runtime"],
+        "real_tokens": counter.real, "computed_tokens": counter.computed,
+        "rows": len(counter.row_lengths), "sum_squared_row_lengths": sum(n * n for n in counter.row_lengths),
+        "process_cpu_seconds": cpu_seconds, "real_tokens_per_cpu_second": counter.real / cpu_seconds,
+        "row_order_digest": counter.row_order_digest, "micro_batch_digest": counter.micro_batch_digest,
+        "trainer_num_input_tokens_seen": metrics["train_tokens"], "train_loss": metrics["train_loss"],
+        "configuration": {k: getattr(config, k) for k in (
+            "per_device_train_batch_size", "gradient_accumulation_steps", "train_sampling_strategy", "padding_free",
+            "packing", "gradient_checkpointing", "optim", "precision", "attn_implementation")},
+        "attention": model.config._attn_implementation, "threads": torch.get_num_threads(),
+    }
+    result["worst_case_peak_memory_bytes"], result["worst_case_micro_batch_tokens"] = _worst_case_step(
+        trainer, data, config, cuda)
+    return result
+
+
+def _worst_case_step(trainer, data, config, cuda: bool) -> tuple[int, int]:
+    """Peak memory of one more forward/backward on the `per_device_train_batch_size` longest training rows:
+    the largest micro-batch this configuration can meet on this data (random order may not meet it)."""
+    import torch
+
+    rows = sorted(data.examples("train"), key=lambda e: len(e["input_ids"]), reverse=True)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[: config.per_device_train_batch_size]]
+    if config.packing:  # one pack of the longest rows that fit max_length
+        packed, total = [], 0
+        for r in rows:
+            if total + len(r["input_ids"]) <= config.max_length:
+                packed.append(r)
+                total += len(r["input_ids"])
+        rows = [{"input_ids": sum((r["input_ids"] for r in packed), []), "labels": sum((r["labels"] for r in packed), []),
+                 "seq_lengths": [len(r["input_ids"]) for r in packed]}]
+    batch = trainer.data_collator.collator(rows)
+    batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    trainer.model.train()
+    if cuda:  # from what stays allocated (weights, adapters, optimizer state) to this step's peak
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.training_step(trainer.model, batch)
+    tokens = int(batch["input_ids"].numel())
+    if cuda:
+        return int(torch.cuda.max_memory_reserved()), tokens
+    return _peak_rss_bytes(), tokens  # a high-water mark: the run's peak if that was higher
+
+
+def _add_mfu(result: dict, prepared: dict) -> None:
+    """Model FLOPs utilisation: (4 x matmul parameters x real tokens + attention FLOPs) per second over the
+    measured bf16 matmul peak. 4 = forward (2) + backward to the activations (2): the base is frozen, so
+    it gets no weight gradients (LoRA's are negligible). Attention per row of length L and per layer:
+    2 d L^2 forward (causal QK^T and AV) + 4 d L^2 backward."""
+    flops = (4 * prepared["matmul_parameters"] * result["real_tokens"]
+             + 6 * prepared["hidden_size"] * prepared["num_hidden_layers"] * result["sum_squared_row_lengths"])
+    result["model_flops_per_second"] = flops / result["runtime_seconds"]
+    result["mfu"] = result["model_flops_per_second"] / prepared["bf16_matmul_peak_flops"]
+    peak = max(result["peak_memory_bytes"], result["worst_case_peak_memory_bytes"])
+    result["fits_12gb"] = peak + CUDA_CONTEXT_BYTES <= 12 * GIB
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
