@@ -148,9 +148,9 @@ def encode_example(tokenizer, example: dict) -> dict:
     """`input_ids` and `labels` of one prompt-completion example: the prompt ids are those of
     `encode_prompt`; the labels are -100 on them and cover the response and its closing EOS."""
     prompt_ids = encode_prompt(tokenizer, example["prompt"])
-    if find_special_text(example["completion"][0]["content"], tokenizer):
-        raise UserError(f"response contains the special string "
-                        f"{find_special_text(example['completion'][0]['content'], tokenizer)!r}")
+    marker = find_special_text(example["completion"][0]["content"], tokenizer)
+    if marker:
+        raise UserError(f"response contains the special string {marker!r}")
     full_ids = _chat_ids(tokenizer, example["prompt"] + example["completion"], add_generation_prompt=False)
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise UserError("the chat template renders the prompt differently with and without the answer; "
