@@ -45,6 +45,8 @@ def test_cpu_bench_end_to_end_reduced(tmp_path, capsys):
     assert data["default"]["same_micro_batches_as_baseline"]
     assert data["baseline"]["configuration"]["gradient_checkpointing"] is True
     assert data["default"]["configuration"]["padding_free"] is True
+    assert data["baseline"]["configuration"]["lm_head_labelled_only"] is False  # the seed scored every position
+    assert data["default"]["configuration"]["lm_head_labelled_only"] is True
     table = capsys.readouterr().out
     assert "baseline (seed)" in table and "default" in table and "speedup" in table
 

@@ -44,6 +44,7 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--precision", "fp16"], "needs a CUDA GPU"),
     (["--precision", "bf16"], "needs a CUDA GPU"),
     (["--load_in_4bit"], "load_in_4bit needs a CUDA GPU"),
+    (["--use_liger_kernel", "true"], "use_liger_kernel needs a CUDA GPU"),
     (["--lora_target_modules", "c_attn"], "no module named c_attn"),
     (["--model_name_or_path", "{tmp}/no_weights"], "no .safetensors weights"),
     (["--model_name_or_path", "{tmp}/no_tokenizer"], "no tokenizer files"),

@@ -9,7 +9,9 @@ fused-LM-head loss), in fp32:
 * in a padding-free batch a row never attends to another: its loss does not move when its neighbour
   changes, while the same concatenation *without* per-row position ids (what a leak looks like) does;
 * the seed's and the proposed configuration feed the same rows, in the same micro-batches, to the
-  same optimizer steps.
+  same optimizer steps;
+* projecting only the labelled positions through the LM head (the default) gives the loss and LoRA
+  gradients of projecting every position (the seed).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def test_the_configurations_differ_as_claimed(trainers):
     seed, fast, _ = trainers
     assert not seed.padding_free and fast.padding_free
     assert seed.args.optim == "adamw_torch" and fast.args.optim == "adamw_torch_fused"
+    assert not seed.args.lm_head_labelled_only and fast.args.lm_head_labelled_only
     assert seed.args.gradient_checkpointing  # the seed's; the default keeps it too until a 12 GB GPU run
     assert fast.model.config.use_cache is False  # the trainer turns the cache off (see test_cache_on_leaks)
 
@@ -138,6 +141,40 @@ def test_micro_batch_loss_and_lora_gradients_equal(trainers):
         difference = (grads_a[name] - grads_b[name]).norm() / grads_a[name].norm().clamp(min=1e-12)
         assert difference < 1e-4, (name, float(difference))
     assert all(g.norm() > 0 for n, g in grads_a.items() if "lora_A" in n or "lora_B" in n)
+
+
+def test_lm_head_over_labelled_positions_only_gives_the_same_loss_and_gradients(trainers, monkeypatch):
+    """`lm_head_labelled_only`: the LM head sees only the positions whose next token is trained, on CPU
+    too (TRL itself does so only on CUDA/XPU), and the loss and LoRA gradients stay those of scoring every
+    position."""
+    import trl.trainer.utils as trl_utils
+
+    _, fast, data = trainers
+    batch = fast.data_collator(_examples(data, 4)[2:4])
+    items = (batch["labels"][..., 1:] != -100).sum()
+    positions = batch["input_ids"].shape[1] - 1
+    assert 0 < int(items) < positions
+    decide, apply = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction.apply
+    scored = []
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: (scored.append(hidden.shape[0]), apply(hidden, *rest))[1])
+    results = {}
+    for labelled_only in (True, False):
+        monkeypatch.setattr(fast.args, "lm_head_labelled_only", labelled_only)
+        fast.model.zero_grad()
+        loss = fast.compute_loss(fast.model, dict(batch), num_items_in_batch=items)
+        loss.backward()
+        assert trl_utils._use_triton is decide  # TRL's own choice is back after the call
+        results[labelled_only] = loss.detach(), {n: p.grad.detach().clone() for n, p in
+                                                 fast.model.named_parameters() if p.requires_grad}
+        fast.model.zero_grad()
+    assert scored == [int(items), positions]
+    (loss_a, grads_a), (loss_b, grads_b) = results[True], results[False]
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-6), (float(loss_a), float(loss_b))
+    for name in grads_a:
+        difference = (grads_a[name] - grads_b[name]).norm() / grads_b[name].norm().clamp(min=1e-12)
+        assert difference < 1e-5, (name, float(difference))
+    assert all(g.norm() > 0 for n, g in grads_a.items() if "lora_" in n)
 
 
 def test_rows_never_attend_to_each_other_in_a_padding_free_batch(trainers):

@@ -44,7 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # The seed's training configuration, spelled out so that it stays the seed's when the project's
 # defaults change: batches of 2 rows in random order, each padded to its longest row, 8 micro-batches
-# per optimizer step, gradient checkpointing, plain (non-fused) AdamW, fp16 on CUDA (fp32 on CPU).
+# per optimizer step, gradient checkpointing, plain (non-fused) AdamW, fp16 on CUDA (fp32 on CPU), and
+# the LM head over every position (the seed's model built the full logits, prompt and padding included).
 SEED = dict(
     per_device_train_batch_size=2,
     gradient_accumulation_steps=8,
@@ -53,6 +54,7 @@ SEED = dict(
     packing=False,
     gradient_checkpointing=True,
     optim="adamw_torch",
+    lm_head_labelled_only=False,
 )
 
 # The proposed default, as overrides of the current defaults (a no-op once config.py carries them).
@@ -64,13 +66,16 @@ SEED = dict(
 PROPOSED = dict(
     padding_free=True,
     optim="adamw_torch_fused",
+    lm_head_labelled_only=True,
 )
 
 # Other candidates measured for docs/PERFORMANCE.md (`--candidates`); each is PROPOSED/SEED + overrides.
 CANDIDATES = {
     "seed_no_checkpointing": dict(SEED, gradient_checkpointing=False),
+    "seed_labelled_head": dict(SEED, lm_head_labelled_only=True),
+    "default_all_positions": dict(PROPOSED, lm_head_labelled_only=False),
     "group_by_length": dict(SEED, gradient_checkpointing=False, optim="adamw_torch_fused",
-                            train_sampling_strategy="group_by_length"),
+                            lm_head_labelled_only=True, train_sampling_strategy="group_by_length"),
     "no_checkpointing": dict(PROPOSED, gradient_checkpointing=False),
     "padding_free_4x4": dict(PROPOSED, per_device_train_batch_size=4, gradient_accumulation_steps=4),
     "padding_free_16x1": dict(PROPOSED, per_device_train_batch_size=16, gradient_accumulation_steps=1),
@@ -429,7 +434,7 @@ def _train(spec: dict) -> dict:
         "trainer_num_input_tokens_seen": metrics["train_tokens"], "train_loss": metrics["train_loss"],
         "configuration": {k: getattr(config, k) for k in (
             "per_device_train_batch_size", "gradient_accumulation_steps", "train_sampling_strategy", "padding_free",
-            "packing", "gradient_checkpointing", "optim", "precision", "attn_implementation")},
+            "packing", "gradient_checkpointing", "optim", "lm_head_labelled_only", "precision", "attn_implementation")},
         "attention": model.config._attn_implementation, "threads": torch.get_num_threads(),
     }
     result["worst_case_peak_memory_bytes"], result["worst_case_micro_batch_tokens"] = _worst_case_step(

@@ -111,6 +111,13 @@ class Config(SFTConfig):
                   "instead of padding them (same rows, same loss, no compute on padding; ~29% of the seed's "
                   "computed tokens were padding). Rows never attend to each other."},
     )
+    lm_head_labelled_only: bool = field(
+        default=True,
+        metadata={"help": "Project through the LM head (32,000 logits a token) only the positions whose next token "
+                  "is trained (the response and its EOS, 43% of Dolly's tokens), on every device; the others "
+                  "add nothing to the loss or its gradients. TRL does so only on CUDA/XPU with Triton. False "
+                  "scores every position, like the seed."},
+    )
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (fused AdamW by default)."})
     gradient_checkpointing: bool = field(
         default=True, metadata={"help": "Recompute activations in the backward pass to save memory."}
@@ -159,6 +166,13 @@ class Config(SFTConfig):
                 raise UserError("load_in_4bit needs a CUDA GPU and none is visible: drop --load_in_4bit")
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise UserError("load_in_4bit needs bitsandbytes: pip install bitsandbytes")
+        if self.use_liger_kernel:  # Triton kernels for RMSNorm, RoPE, SwiGLU (TRL keeps its own fused LM head)
+            import importlib.util
+
+            if not torch.cuda.is_available():
+                raise UserError("use_liger_kernel needs a CUDA GPU and none is visible: drop --use_liger_kernel")
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise UserError("use_liger_kernel needs liger-kernel: pip install liger-kernel")
         if self.num_generate > self.test_size:
             raise UserError(f"num_generate ({self.num_generate}) is larger than test_size ({self.test_size}): "
                             "lower num_generate or raise test_size")

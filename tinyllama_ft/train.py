@@ -5,6 +5,7 @@ Each stage is one function the notebook calls on its own; `train` chains them fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -18,6 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import set_seed
 from transformers.trainer import rotate_checkpoints
+import trl.trainer.utils as trl_utils
 from trl import SFTTrainer
 
 from .artifacts import check_output_dir, resume_path, save_run
@@ -89,14 +91,48 @@ def setup_model(config: Config, tokenizer=None):
     return model
 
 
-class Trainer(SFTTrainer):
-    """TRL's SFTTrainer with two changes:
+@contextlib.contextmanager
+def lm_head_positions(labelled_only: bool):
+    """Within this block, TRL's fused LM head scores only the labelled positions (`labelled_only`)
+    or every position, on every device.
 
+    TRL decides it per call with `trl.trainer.utils._use_triton(device)`: labelled positions only on
+    CUDA/XPU with Triton, every position elsewhere (to keep tile shapes fixed for XLA/Neuron). On CPU
+    that spends most of a small model's step on prompt and padding positions, whose scores are zeroed
+    afterwards: the loss and its gradients are the same either way (tests/test_packing.py)."""
+    if not hasattr(trl_utils, "_use_triton"):  # another TRL decides for itself (Trainer warns once)
+        yield
+        return
+    decide = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: labelled_only
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = decide
+
+
+class Trainer(SFTTrainer):
+    """TRL's SFTTrainer with three changes:
+
+    * the LM head scores the positions `lm_head_labelled_only` says, on every device (`lm_head_positions`);
     * the validation loss it logs is `evaluate_loss`'s token-weighted response loss, the same
       number as before and after training (the stock one averages per-batch means);
     * checkpoints appear only when complete: each is written to a hidden `.tmp-checkpoint-N`
       folder and renamed into place, so a crash mid-save never leaves a `checkpoint-N` that
       resuming would trust."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not hasattr(trl_utils, "_use_triton"):
+            import trl
+
+            log.warning("TRL %s has no trl.trainer.utils._use_triton: lm_head_labelled_only=%s has no effect "
+                        "(same loss, maybe slower on CPU)", trl.__version__, self.args.lm_head_labelled_only)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with lm_head_positions(self.args.lm_head_labelled_only):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
