@@ -61,6 +61,7 @@ SEED = dict(
 # Padding-free batches of the same 2 random rows: the rows are concatenated into one sequence with
 # position ids restarting at 0 per row, so nothing is padded and (with SDPA or FlashAttention) no row
 # attends to another; the same rows make the same optimizer steps, so what is learned is unchanged.
+# The LM head runs only at labelled positions (their loss and gradients are all there is).
 # Gradient checkpointing stays on (the default) until `--preset gpu` has measured that TinyLlama at
 # batch 2 x 1,024 tokens fits 12 GB without it; `no_checkpointing` among the candidates measures the gain.
 PROPOSED = dict(
