@@ -52,7 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: run the same command with --resume_from_checkpoint true to continue",
               file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """End a multi-process run cleanly: a process that exits with its process group still open can
+    abort at interpreter shutdown ("terminate called without an active exception", seen with
+    ZeRO-3 on gloo), failing a run that had finished its work."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def setup_process() -> None:
