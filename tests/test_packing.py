@@ -177,6 +177,19 @@ def test_lm_head_over_labelled_positions_only_gives_the_same_loss_and_gradients(
     assert all(g.norm() > 0 for n, g in grads_a.items() if "lora_" in n)
 
 
+def test_a_trl_without_the_switch_is_reported(tmp_path, monkeypatch, caplog):
+    """Should TRL drop `trl.trainer.utils._use_triton`, the trainer says that `lm_head_labelled_only` no longer
+    acts (the loss stays TRL's), rather than saying nothing."""
+    import logging
+
+    import trl.trainer.utils as trl_utils
+
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    with caplog.at_level(logging.WARNING, logger="tinyllama_ft.train"):
+        _build(dict(PROPOSED), tmp_path)
+    assert "has no trl.trainer.utils._use_triton: lm_head_labelled_only=True has no effect" in caplog.text
+
+
 def test_rows_never_attend_to_each_other_in_a_padding_free_batch(trainers):
     _, fast, data = trainers
     examples = _examples(data, 8)
