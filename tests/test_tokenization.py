@@ -73,3 +73,39 @@ def test_trl_collator_keeps_eos_trained_although_pad_is_eos():
     assert batch["labels"].tolist() == [[-100, -100, 6, EOS], [-100, 7, EOS, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert torch.equal(batch["labels"] == EOS, torch.tensor([[0, 0, 0, 1], [0, 0, 1, 0]]).bool())
+
+
+def test_tokenization_cache_gives_the_same_encodings_without_tokenizing(tinyllama_tokenizer, dolly_rows, tmp_path,
+                                                                         monkeypatch, caplog):
+    import copy
+    import logging
+
+    import tinyllama_ft.data as data
+
+    rows = dolly_rows[:100] + [dict(dolly_rows[0], response="Done.</s>")]  # one excluded for its special string
+    fresh = encode_rows(tinyllama_tokenizer, rows, max_length=256)
+    assert fresh[1] and encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh
+    (cached,) = tmp_path.iterdir()
+    assert cached.suffix == ".npz" and cached == data.encoding_cache_path(tinyllama_tokenizer, rows, tmp_path)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized although the cache holds these rows")
+
+    monkeypatch.setattr(data, "encode_example", no_tokenizing)
+    assert encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh
+    longer = encode_rows(tinyllama_tokenizer, rows, 10**6, cache_dir=tmp_path)  # any max_length, same file
+    assert longer[0].keys() > fresh[0].keys() and longer[2] == fresh[2]
+    with pytest.raises(AssertionError, match="tokenized although"):  # other rows: a miss
+        encode_rows(tinyllama_tokenizer, rows[:-1] + [dict(rows[-1], response="Done.")], 256, cache_dir=tmp_path)
+    monkeypatch.undo()
+
+    other = copy.deepcopy(tinyllama_tokenizer)  # another chat template: another file
+    other.chat_template = tinyllama_tokenizer.chat_template.replace("<|assistant|>", "<|assistant|> ")
+    assert data.encoding_cache_path(other, rows, tmp_path) != cached
+
+    cached.write_bytes(cached.read_bytes()[:1000])  # truncated: read as a miss, said, and rewritten
+    with caplog.at_level(logging.WARNING, logger="tinyllama_ft.data"):
+        assert encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh
+    assert "ignoring unreadable tokenization cache" in caplog.text
+    assert encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh
+    assert [p.name for p in tmp_path.iterdir()] == [cached.name]  # no temporary files left behind

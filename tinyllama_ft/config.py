@@ -92,6 +92,11 @@ class Config(SFTConfig):
     test_size: int = field(default=500, metadata={"help": "Test rows (generation metrics), held out first."})
     num_generate: int = field(default=200, metadata={"help": "Test rows to generate from for ROUGE/BLEU/EOS rate."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per response."})
+    tokenization_cache: bool = field(
+        default=True,
+        metadata={"help": "Keep the tokenized rows in the datasets cache (HF_DATASETS_CACHE/tinyllama_ft), keyed by "
+                  "the rows, the tokenizer and the encoding code, so later runs on the same data skip tokenizing."},
+    )
     preset: str | None = field(
         default=None,
         metadata={"help": f"Named set of overrides applied before YAML and flags: {', '.join(PRESETS)}."},

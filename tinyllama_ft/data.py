@@ -14,14 +14,22 @@ feeds the model; labels are -100 on the prompt and cover the response plus the E
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import logging
+import os
 import random
+import sys
+import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("instruction", "context", "response")
 ROLE_MARKERS = ("<|user|>", "<|assistant|>", "<|system|>")
@@ -162,27 +170,95 @@ def encode_example(tokenizer, example: dict) -> dict:
     return {"input_ids": prompt_ids + completion, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion}
 
 
-def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[dict[int, dict], dict[int, str], dict[int, int]]:
+def encode_rows(tokenizer, rows: list[dict], max_length: int, cache_dir: str | Path | None = None
+                ) -> tuple[dict[int, dict], dict[int, str], dict[int, int]]:
     """Encode every row; return ({row index: encoded}, {row index: why it was excluded},
     {row index: token length}, the last also for rows dropped for length).
 
     Rows longer than `max_length` are dropped, not truncated: a truncated response loses the EOS
-    the model must learn. Rows with special-token strings are dropped too."""
-    from tqdm.auto import tqdm
+    the model must learn. Rows with special-token strings are dropped too.
 
-    encoded, excluded, lengths = {}, {}, {}
-    for index, row in enumerate(tqdm(rows, desc="tokenizing", leave=False, mininterval=2)):
-        try:
-            item = encode_example(tokenizer, to_example(row))
-        except UserError as error:
-            excluded[index] = str(error)
-            continue
+    With `cache_dir`, the encodings are kept there, keyed by the rows, the tokenizer, its chat
+    template and this module's code, so a second run on the same data skips tokenizing (any
+    `max_length`); see `encoding_cache_path`."""
+    items, errors = _encode_all(tokenizer, rows, cache_dir)
+    encoded, excluded, lengths = {}, dict(errors), {}
+    for index, item in items.items():
         lengths[index] = len(item["input_ids"])
         if len(item["input_ids"]) > max_length:
             excluded[index] = f"{len(item['input_ids'])} tokens > max_length {max_length}"
-            continue
-        encoded[index] = item
-    return encoded, excluded, lengths
+        else:
+            encoded[index] = item
+    return encoded, dict(sorted(excluded.items())), lengths
+
+
+def encoding_cache_path(tokenizer, rows: list[dict], cache_dir: str | Path) -> Path | None:
+    """Where the encodings of `rows` by `tokenizer` are cached: a file named by a SHA-256 of what
+    decides them (None for a tokenizer without a serialisable fast backend)."""
+    import transformers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256()
+    for part in (inspect.getsource(sys.modules[__name__]), transformers.__version__, backend.to_str(),
+                 str(tokenizer.chat_template), json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+                 json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)):
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return Path(cache_dir) / f"encoded-{digest.hexdigest()[:32]}.npz"
+
+
+def _encode_all(tokenizer, rows: list[dict], cache_dir) -> tuple[dict[int, dict], dict[int, str]]:
+    from tqdm.auto import tqdm
+
+    path = encoding_cache_path(tokenizer, rows, cache_dir) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            items, errors = _read_encodings(path)
+            log.info("tokenized rows read from %s", path)
+            return items, errors
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            log.warning("ignoring unreadable tokenization cache %s (%s): tokenizing again", path, error)
+    items, errors = {}, {}
+    for index, row in enumerate(tqdm(rows, desc="tokenizing", leave=False, mininterval=2)):
+        try:
+            items[index] = encode_example(tokenizer, to_example(row))
+        except UserError as error:
+            errors[index] = str(error)
+    if path is not None:
+        try:
+            _write_encodings(path, items, errors)
+        except OSError as error:
+            log.warning("could not write the tokenization cache %s (%s): the next run tokenizes again", path, error)
+    return items, errors
+
+
+def _write_encodings(path: Path, items: dict[int, dict], errors: dict[int, str]) -> None:
+    """One .npz (no pickles), written to a temporary name and renamed: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    order = sorted(items)
+    lengths = [len(items[i]["input_ids"]) for i in order]
+    flat = lambda key: np.fromiter((t for i in order for t in items[i][key]), dtype=np.int32,  # noqa: E731
+                                   count=sum(lengths))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as file:
+        np.savez(file, rows=np.asarray(order, dtype=np.int64), offsets=np.cumsum([0] + lengths, dtype=np.int64),
+                 input_ids=flat("input_ids"), labels=flat("labels"),
+                 errors=np.asarray(json.dumps({str(i): e for i, e in errors.items()})))
+    os.replace(temporary, path)
+
+
+def _read_encodings(path: Path) -> tuple[dict[int, dict], dict[int, str]]:
+    with np.load(path, allow_pickle=False) as data:
+        rows, offsets = data["rows"].tolist(), data["offsets"].tolist()
+        input_ids, labels = data["input_ids"].tolist(), data["labels"].tolist()
+        errors = {int(i): e for i, e in json.loads(str(data["errors"])).items()}
+    if len(offsets) != len(rows) + 1 or offsets[-1] != len(input_ids) or len(labels) != len(input_ids):
+        raise ValueError("inconsistent arrays")
+    items = {row: {"input_ids": input_ids[a:b], "labels": labels[a:b]}
+             for row, a, b in zip(rows, offsets[:-1], offsets[1:])}
+    return items, errors
 
 
 def length_stats(lengths: list[int], max_length: int | None = None) -> dict:

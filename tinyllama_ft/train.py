@@ -57,6 +57,13 @@ class Data:
                 / max(sum(lengths), 1)}
 
 
+def tokenization_cache_dir() -> Path:
+    """Under the datasets cache, so that HF_DATASETS_CACHE / HF_HOME move it with the rest."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "tinyllama_ft"
+
+
 def prepare_data(config: Config, tokenizer) -> Data:
     """Load, validate, encode and split the rows; rows over `max_length` are dropped and counted."""
     rows = load_rows(config.dataset_name)
@@ -64,7 +71,8 @@ def prepare_data(config: Config, tokenizer) -> Data:
     if wanted > len(rows):
         raise UserError(f"train_size + eval_size + test_size = {wanted} but {config.dataset_name} has only "
                         f"{len(rows)} rows: lower the sizes")
-    encoded, excluded, lengths = encode_rows(tokenizer, rows, config.max_length)
+    encoded, excluded, lengths = encode_rows(tokenizer, rows, config.max_length,
+                                             cache_dir=tokenization_cache_dir() if config.tokenization_cache else None)
     if not encoded:
         raise UserError(f"no row of {config.dataset_name} fits in max_length {config.max_length} "
                         f"(first: {next(iter(excluded.values()))}): raise max_length")
