@@ -34,6 +34,18 @@ def test_config_prints_the_resolved_seed_configuration():
     assert {k: config[k] for k in expected} == expected
 
 
+def test_config_help_lists_every_field():
+    """The README sends users to `config --help`; argparse %-formats help texts, so a stray % breaks it."""
+    import dataclasses
+
+    from tinyllama_ft.config import Config
+
+    help_text = cli("config", "--help").stdout
+    own = [f.name for f in dataclasses.fields(Config) if f.name not in {f.name for f in dataclasses.fields(
+        Config.__mro__[1])}]
+    assert own and all(f"--{name}" in help_text for name in own), [n for n in own if f"--{n}" not in help_text]
+
+
 def test_config_layers_yaml_and_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("learning_rate: 1.0e-4\nlora_r: 8\npreset: smoke\n")
     config = json.loads(cli("config", "--config", tmp_path / "c.yaml", "--lora_r", 4).stdout)

@@ -113,13 +113,13 @@ class Config(SFTConfig):
     padding_free: bool = field(
         default=True,
         metadata={"help": "Concatenate each micro-batch's rows into one sequence with restarting position ids "
-                  "instead of padding them (same rows, same loss, no compute on padding; ~29% of the seed's "
+                  "instead of padding them (same rows, same loss, no compute on padding; ~29 percent of the seed's "
                   "computed tokens were padding). Rows never attend to each other."},
     )
     lm_head_labelled_only: bool = field(
         default=True,
         metadata={"help": "Project through the LM head (32,000 logits a token) only the positions whose next token "
-                  "is trained (the response and its EOS, 43% of Dolly's tokens), on every device; the others "
+                  "is trained (the response and its EOS, 43 percent of Dolly's tokens), on every device; the others "
                   "add nothing to the loss or its gradients. TRL does so only on CUDA/XPU with Triton. False "
                   "scores every position, like the seed."},
     )
