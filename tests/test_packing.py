@@ -21,7 +21,7 @@ import hashlib
 import pytest
 import torch
 
-from tinyllama_ft.bench import PROPOSED, SEED, assets_dir, trainer_config
+from tinyllama_ft.bench import PROPOSED, SEED, assets_dir
 
 ASSETS = assets_dir()
 STORIES = ASSETS / "stories260k"
@@ -57,7 +57,7 @@ def _build(overrides: dict, tmp_path):
         if "lora_B" in name:
             with torch.no_grad():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    trainer = build_trainer(trainer_config(config), model, tokenizer, data)
+    trainer = build_trainer(config, model, tokenizer, data)
     model.train()
     return trainer, data
 

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .train import trainer_config  # noqa: F401  (re-exported: the bench and its tests use it)
 
 TINYLLAMA_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -413,7 +412,7 @@ def _train(spec: dict) -> dict:
     tokenizer = load_tokenizer(config.model_name_or_path)
     data = prepare_data(config, tokenizer)
     model = setup_model(config, tokenizer)
-    trainer = build_trainer(trainer_config(config), model, tokenizer, data)
+    trainer = build_trainer(config, model, tokenizer, data)
     counter = trainer.data_collator = CountingCollator(trainer.data_collator)
     if cuda:
         torch.cuda.synchronize()

@@ -165,19 +165,9 @@ class Config(SFTConfig):
         if self.max_length is None or self.max_length < 16:
             raise UserError(f"max_length must be an integer >= 16, got {self.max_length!r}")
         if self.load_in_4bit:
-            import importlib.util
-
-            if not torch.cuda.is_available():
-                raise UserError("load_in_4bit needs a CUDA GPU and none is visible: drop --load_in_4bit")
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise UserError("load_in_4bit needs bitsandbytes: pip install bitsandbytes")
+            _require_cuda_and("load_in_4bit", "bitsandbytes", "bitsandbytes")
         if self.use_liger_kernel:  # Triton kernels for RMSNorm, RoPE, SwiGLU (TRL keeps its own fused LM head)
-            import importlib.util
-
-            if not torch.cuda.is_available():
-                raise UserError("use_liger_kernel needs a CUDA GPU and none is visible: drop --use_liger_kernel")
-            if importlib.util.find_spec("liger_kernel") is None:
-                raise UserError("use_liger_kernel needs liger-kernel: pip install liger-kernel")
+            _require_cuda_and("use_liger_kernel", "liger_kernel", "liger-kernel")
         if self.num_generate > self.test_size:
             raise UserError(f"num_generate ({self.num_generate}) is larger than test_size ({self.test_size}): "
                             "lower num_generate or raise test_size")
@@ -187,6 +177,15 @@ class Config(SFTConfig):
         data = self.to_dict()
         data.pop("hub_token", None)
         return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+def _require_cuda_and(flag: str, module: str, package: str) -> None:
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise UserError(f"{flag} needs a CUDA GPU and none is visible: drop --{flag}")
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{flag} needs {package}: pip install {package}")
 
 
 def resolve_precision(precision: str) -> str:

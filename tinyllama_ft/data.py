@@ -238,14 +238,13 @@ def _write_encodings(path: Path, items: dict[int, dict], errors: dict[int, str])
     """One .npz (no pickles), written to a temporary name and renamed: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     order = sorted(items)
-    lengths = [len(items[i]["input_ids"]) for i in order]
-    flat = lambda key: np.fromiter((t for i in order for t in items[i][key]), dtype=np.int32,  # noqa: E731
-                                   count=sum(lengths))
+    flat = {key: np.asarray([t for i in order for t in items[i][key]], dtype=np.int32)
+            for key in ("input_ids", "labels")}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as file:
-        np.savez(file, rows=np.asarray(order, dtype=np.int64), offsets=np.cumsum([0] + lengths, dtype=np.int64),
-                 input_ids=flat("input_ids"), labels=flat("labels"),
-                 errors=np.asarray(json.dumps({str(i): e for i, e in errors.items()})))
+        np.savez(file, rows=np.asarray(order, dtype=np.int64),
+                 offsets=np.cumsum([0] + [len(items[i]["input_ids"]) for i in order], dtype=np.int64),
+                 errors=np.asarray(json.dumps({str(i): e for i, e in errors.items()})), **flat)
     os.replace(temporary, path)
 
 
