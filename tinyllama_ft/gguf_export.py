@@ -187,7 +187,7 @@ def add_vocabulary(writer, tokenizer, spm_dir: str | None, n_vocab: int | None =
         else:
             tokens, scores, types = _byte_level_tokens(tokenizer, saved)
             writer.add_tokenizer_model("gpt2")
-            writer.add_tokenizer_pre("gpt2")
+            writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for the GPT-2 split regex
         if n_vocab is not None and len(tokens) != n_vocab:
             raise UserError(f"the tokenizer has {len(tokens)} tokens but the model's embedding has {n_vocab} rows: "
                             "export a model whose vocabulary matches its tokenizer")
