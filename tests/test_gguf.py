@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from tinyllama_ft import (build_trainer, encode_prompt, fit, load_for_inference, load_tokenizer, parse_config,
-                          prepare_data, save_run, setup_model, to_example)
+from tinyllama_ft import (build_trainer, encode_prompt, fit, load_for_inference, load_rows, load_tokenizer,
+                          parse_config, prepare_data, save_run, setup_model, to_example)
 from tinyllama_ft.cli import main as cli_main
 from tinyllama_ft.data import find_special_text
 from tinyllama_ft.evaluate import pad_batch
@@ -223,8 +223,8 @@ def stories_run(stories_dir, dolly_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     out = root / "run"
     config = parse_config(
-        model_name_or_path=stories_dir, dataset_name=dolly_path, output_dir=str(out), max_length=512,
-        train_size=192, eval_size=32, test_size=16, max_steps=24, per_device_train_batch_size=8,
+        model_name_or_path=stories_dir, dataset_name=dolly_path, output_dir=str(out), max_length=256,
+        train_size=96, eval_size=16, test_size=8, num_generate=0, max_steps=24, per_device_train_batch_size=4,
         gradient_accumulation_steps=1, learning_rate=3e-3, logging_steps=8, eval_steps=1000, save_steps=1000,
         gradient_checkpointing=False, precision="fp32", lora_r=8, lora_alpha=16)
     tokenizer = load_tokenizer(stories_dir)
@@ -240,8 +240,11 @@ def stories_run(stories_dir, dolly_path, tmp_path_factory):
     exports = {"f16": root / "f16" / "run-f16.gguf",
                "q8_0": export_gguf(str(out), str(root / "q8_0"), "q8_0")}
     merged, _ = load_for_inference(str(out), device="cpu", dtype=torch.float32)
-    return dict(out=out, tokenizer=tokenizer, data=data, merged=merged.merge_and_unload().eval(), exports=exports,
-                lora_b=lora_b)
+    merged = merged.merge_and_unload().eval()
+    prompts = [encode_prompt(tokenizer, conversation([row], system=False))
+               for row in clean_rows(load_rows(dolly_path), tokenizer, 12)]
+    return dict(out=out, tokenizer=tokenizer, data=data, merged=merged, exports=exports, lora_b=lora_b,
+                prompts=prompts, merged_greedy=[greedy(merged, ids) for ids in prompts])
 
 
 def logits_of(model, examples, pad_id):
@@ -298,9 +301,9 @@ def test_f16_gguf_has_the_merged_models_logits(stories_run, dolly_rows):
     exact = (got - rounded)[mask].abs().max().item()
     diff = (got - reference)[mask].abs().max().item()
     argmax = (got.argmax(-1) == reference.argmax(-1))[mask].float().mean().item()
-    prompts = [encode_prompt(stories_run["tokenizer"], conversation([row], system=False))
-               for row in clean_rows(dolly_rows, stories_run["tokenizer"], 12)]
-    same = sum(greedy(gg, ids) == greedy(merged, ids) for ids in prompts)
+    f16_greedy = [greedy(gg, ids) for ids in stories_run["prompts"]]
+    stories_run["f16_greedy"] = f16_greedy  # for the llama.cpp test
+    same = sum(a == b for a, b in zip(f16_greedy, stories_run["merged_greedy"]))
     print(f"f16 {path.stat().st_size} bytes: max |logit diff| {diff:.4f} vs the fp32 merged model over {int(mask.sum())} "
           f"positions ({exact:.2e} vs its fp16-rounded weights), argmax agreement {argmax:.4f}, greedy "
           f"{NEW_TOKENS}-token outputs identical {same}/12")
@@ -321,9 +324,7 @@ def test_q8_0_gguf_is_within_its_measured_tolerance(stories_run, dolly_rows):
     got, _ = logits_of(gg, examples, pad)
     diff = (got - reference)[mask].abs().max().item()
     argmax = (got.argmax(-1) == reference.argmax(-1))[mask].float().mean().item()
-    prompts = [encode_prompt(stories_run["tokenizer"], conversation([row], system=False))
-               for row in clean_rows(dolly_rows, stories_run["tokenizer"], 12)]
-    same = sum(greedy(gg, ids) == greedy(merged, ids) for ids in prompts)
+    same = sum(greedy(gg, ids) == ref for ids, ref in zip(stories_run["prompts"], stories_run["merged_greedy"]))
     print(f"q8_0 {path.stat().st_size} bytes (f16 {f16.stat().st_size}): max |logit diff| {diff:.4f}, argmax "
           f"agreement {argmax:.4f}, greedy {NEW_TOKENS}-token outputs identical {same}/12")
     assert diff < Q8_0_TOLERANCE and argmax > 0.95 and path.stat().st_size < f16.stat().st_size
@@ -370,16 +371,15 @@ def test_llama_cpp_reads_the_prompt_and_answers_like_hf(llama_cpp, stories_run, 
             ids = encode_prompt(tokenizer, messages)
             assert llm.tokenize(embedded(messages=messages).prompt.encode(), add_bos=True, special=True) == ids
             assert llm.tokenize(render_ollama(ollama, messages).encode(), add_bos=True, special=True) == ids
-        prompts = [encode_prompt(tokenizer, conversation([row], system=False)) for row in rows]
+        prompts = stories_run["prompts"]
         for ids, row in zip(prompts, rows):
             rendered = embedded(messages=conversation([row], system=False)).prompt
             assert llm.tokenize(rendered.encode(), add_bos=True, special=True) == ids
         ours = [llama_greedy(llm, ids) for ids in prompts]
     finally:
         llm.close()
-    gg = gguf_model(path)
-    hf = [greedy(gg, ids) for ids in prompts]
-    merged = [greedy(stories_run["merged"], ids) for ids in prompts]
+    hf = stories_run.get("f16_greedy") or [greedy(gguf_model(path), ids) for ids in prompts]
+    merged = stories_run["merged_greedy"]
     same, same_merged = sum(a == b for a, b in zip(ours, hf)), sum(a == b for a, b in zip(ours, merged))
     print(f"llama.cpp greedy {NEW_TOKENS} tokens: identical to transformers on the same f16 file {same}/12, "
           f"to the fp32 merged model {same_merged}/12; prompt ids identical 12/12 + 3 multi-turn, both templates")
