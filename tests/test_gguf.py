@@ -361,7 +361,7 @@ def test_llama_cpp_reads_the_prompt_and_answers_like_hf(llama_cpp, stories_run, 
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     tokenizer, path = stories_run["tokenizer"], stories_run["exports"]["f16"]
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, verbose=False)  # deterministic, kind to a shared box
     try:
         embedded = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
         ollama = modelfile_template((path.parent / "Modelfile").read_text())

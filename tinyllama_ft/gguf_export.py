@@ -42,22 +42,27 @@ JINJA_SPACE, OLLAMA_SPACE = "{{ ' ' }}", '{{ " " }}'
 def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Path:
     """Merge the adapter (`merge_and_unload`) and write `out_dir/<run>-<quantization>.gguf` and an
     Ollama `Modelfile` next to it. Written into a hidden folder and renamed, so `out_dir` is whole or absent."""
-    import gguf  # noqa: F401  (fail with a clear line before the model loads)
-
     from .artifacts import load_for_inference
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("GGUF export needs the gguf package: pip install gguf sentencepiece") from None
 
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     out = Path(out_dir)
     if out.exists():
         raise UserError(f"{out} already exists: remove it or choose another folder")
+    spm_dir = _tokenizer_model_of_run(adapter_dir)  # a missing tokenizer.model fails before the weights load
     model, tokenizer = load_for_inference(adapter_dir, device="cpu", dtype=torch.float32)
-    spm_dir = find_tokenizer_model(adapter_dir, model.peft_config["default"].base_model_name_or_path, tokenizer)
     merged = model.merge_and_unload().eval()
-    name = f"{Path(adapter_dir).resolve().name}-{quantization}.gguf"
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".gguf-"))
+    run_name = Path(adapter_dir).resolve().name
+    name = f"{run_name}-{quantization}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".gguf-"))  # same file system: the rename is atomic
     try:
-        write_gguf(merged, tokenizer, tmp / name, quantization, spm_dir=spm_dir, name=Path(adapter_dir).name)
+        write_gguf(merged, tokenizer, tmp / name, quantization, spm_dir=spm_dir, name=run_name)
         write_modelfile(tmp / "Modelfile", name, merged.config.max_position_embeddings,
                         system_prompt=_run_config(adapter_dir).get("system_prompt") or "",
                         leading_space=prefixes_first_text_only(tokenizer))
@@ -68,6 +73,17 @@ def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Pa
         raise
     log.info("wrote %s (%.1f MB) and %s", out / name, (out / name).stat().st_size / 1e6, out / "Modelfile")
     return out / name
+
+
+def _tokenizer_model_of_run(adapter_dir: str) -> str | None:
+    from peft import PeftConfig
+
+    from .modeling import load_tokenizer
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        return None  # not a run folder: load_for_inference says so
+    base_name = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    return find_tokenizer_model(adapter_dir, base_name, load_tokenizer(adapter_dir))
 
 
 def _run_config(adapter_dir: str) -> dict:
