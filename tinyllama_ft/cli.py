@@ -22,6 +22,7 @@ commands:
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N]
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
+            [--format gguf [--quantization f16|q8_0]]  or one .gguf + Ollama Modelfile
   bench     --preset cpu|gpu [--out F.json]       seed configuration vs default, side by side
 
 `python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks."""
@@ -135,10 +136,20 @@ def cmd_export(args: list[str]) -> None:
     parser.add_argument("--adapter", required=True, help="output folder of a finished run")
     parser.add_argument("--out", required=True, help="new folder for the merged model")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload it to this (private) hub repo")
+    parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                        help="safetensors: a transformers folder; gguf: one .gguf and an Ollama Modelfile")
+    parser.add_argument("--quantization", choices=("f16", "q8_0"), help="GGUF weights (default f16)")
     opts = _parse(parser, args)
     from .artifacts import export_merged, push_to_hub
 
-    print(export_merged(opts.adapter, opts.out))
+    if opts.quantization and opts.format != "gguf":
+        raise UserError("--quantization applies to GGUF files: add --format gguf")
+    if opts.format == "gguf":
+        from .gguf_export import export_gguf
+
+        print(export_gguf(opts.adapter, opts.out, opts.quantization or "f16"))
+    else:
+        print(export_merged(opts.adapter, opts.out))
     if opts.push_to_hub:
         print(push_to_hub(opts.out, opts.push_to_hub), file=sys.stderr)
 
