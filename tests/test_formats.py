@@ -360,3 +360,82 @@ def test_bad_preview_input_is_one_line(tmp, capsys):
     assert main(["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", str(tmp / "dolly.jsonl"),
                  "--columns", "response=answer"]) == 2
     assert "has no column 'answer' (mapped to response" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# --- end to end on conversational rows ----------------------------------------------------------------
+
+def _short_conversations(dolly_rows, n, seed=0):
+    short = [r for r in dolly_rows if len(r["instruction"]) + len(r["context"]) + len(r["response"]) < 200]
+    return [{"messages": m, "category": "multi-turn" if sum(x["role"] == "user" for x in m) > 1 else "single"}
+            for m in conversations_from_dolly(short, n, seed)]
+
+
+@pytest.mark.slow
+def test_stories260k_learns_from_conversations(stories_dir, dolly_rows, tmp_path):
+    """`train` on conversational rows of 1-3 real Dolly turns: the held-out loss over every assistant
+    turn drops, and the run saves its system prompt."""
+    path = _write(tmp_path / "chats.jsonl", _short_conversations(dolly_rows, 300))
+    config = parse_config(
+        model_name_or_path=stories_dir, dataset_name=path, output_dir=str(tmp_path / "run"), max_length=512,
+        system_prompt="You are a helpful assistant.", train_size=200, eval_size=32, test_size=8, num_generate=4,
+        max_new_tokens=16, max_steps=16, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+        learning_rate=3e-3, logging_steps=8, eval_strategy="no", save_steps=1000, precision="fp32", lora_r=8,
+        lora_alpha=16, gradient_checkpointing=False, tokenization_cache=False)
+    metrics = train(config)
+    print(f"stories260k on conversations: held-out loss {metrics['base_eval_loss']:.4f} -> {metrics['eval_loss']:.4f}"
+          f" over {metrics['eval_tokens']} assistant tokens; per category "
+          + ", ".join(f"{c} {v['eval_loss']:.3f}" for c, v in metrics["per_category"]["tuned"].items()))
+    assert metrics["eval_tokens"] == metrics["base_eval_tokens"] > 1000
+    assert metrics["eval_loss"] < metrics["base_eval_loss"] - 0.1
+    assert set(metrics["per_category"]["tuned"]) == {"multi-turn", "single"}
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert saved["system_prompt"] == "You are a helpful assistant." and saved["dataset_format"] == "auto"
+
+
+def test_preview_of_conversations_through_the_command_line(tinyllama_tokenizer, tmp_path):
+    from conftest import ROOT
+    import subprocess
+    import sys
+
+    rows = [{"messages": TWO_TURNS}, {"messages": TWO_TURNS[1:2]}, {"messages": TWO_TURNS[1:3]}]
+    out = tmp_path / "p.jsonl"
+    result = subprocess.run([sys.executable, "-m", "tinyllama_ft", "preview", "--model_name_or_path",
+                             tinyllama_tokenizer.name_or_path, "--dataset_name", _write(tmp_path / "c.jsonl", rows),
+                             "--system_prompt", "Be brief.", "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["row"] for line in lines] == [0, 2]
+    assert lines[0]["input_ids"] == SYSTEM + USER_HI + ASSISTANT + [10994, 29991, EOS] + USER_BYE + ASSISTANT + CIAO
+    assert lines[1]["labels"] == [M] * len(SYSTEM + USER_HI + ASSISTANT) + [10994, 29991, EOS]
+    assert "excluded row 1: no assistant turn: roles system, user" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "excluded 1 of 3 rows: 1 no assistant turn"
+
+
+@pytest.mark.slow
+def test_smoke_preset_on_conversations_through_the_command_line(tmp_path):
+    """train, then generate with the run's saved system prompt (or another), from the shell."""
+    from conftest import ROOT
+    import subprocess
+    import sys
+
+    from tinyllama_ft import generate, load_for_inference
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "tinyllama_ft", *map(str, args)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    out = tmp_path / "smoke"
+    chats = SAMPLE_DATA.replace("sample.jsonl", "sample_messages.jsonl")
+    cli("train", "--preset", "smoke", "--dataset_name", chats, "--system_prompt", "Answer in one sentence.",
+        "--output_dir", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_tokens"] > 0 and "rougeL" in metrics and metrics["rows"]["train"] == 24
+    assert json.loads((out / "run_config.json").read_text())["system_prompt"] == "Answer in one sentence."
+    model, tokenizer = load_for_inference(str(out), device="cpu")
+    for flags, system_prompt in (([], "Answer in one sentence."), (["--system_prompt", ""], None)):
+        printed = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8, *flags)
+        expected = generate(model, tokenizer, "Name a color.", max_new_tokens=8, system_prompt=system_prompt)
+        assert printed.stdout == expected["text"] + "\n", flags
