@@ -439,3 +439,42 @@ def test_smoke_preset_on_conversations_through_the_command_line(tmp_path):
         printed = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8, *flags)
         expected = generate(model, tokenizer, "Name a color.", max_new_tokens=8, system_prompt=system_prompt)
         assert printed.stdout == expected["text"] + "\n", flags
+
+
+def test_readme_examples_are_the_formats_they_document(tinyllama_tokenizer):
+    """Each two-line example under README's "Your own data" loads as its format and trains what it says."""
+    from conftest import ROOT
+
+    section = (ROOT / "README.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    examples = [[json.loads(line) for line in block.splitlines() if line.startswith("{")]
+                for block in section.split("```json")[1:]]
+    assert [len(lines) for lines in examples] == [2, 2, 2, 2]
+    for lines, fmt in zip(examples, ["dolly", "alpaca", "messages", "prompt_completion"]):
+        conversations = to_conversations(lines)
+        assert conversations == [to_conversation(line, fmt) for line in lines], fmt
+        for conversation in conversations:
+            item = encode_example(tinyllama_tokenizer, conversation)
+            assert item["labels"][-3:] == item["input_ids"][-3:] and item["labels"][-1] == EOS
+    dolly, alpaca = (encode_example(tinyllama_tokenizer, c) for c in (to_conversations(examples[0])[1],
+                                                                      to_conversations(examples[1])[1]))
+    assert dolly == alpaca
+    one, two = (encode_example(tinyllama_tokenizer, c) for c in to_conversations(examples[2]))
+    assert sum(label == EOS for label in two["labels"]) == 2  # both assistant turns trained
+    prompt, completion = (encode_example(tinyllama_tokenizer, c) for c in to_conversations(examples[3]))
+    assert sum(label == EOS for label in completion["labels"]) == 1  # only the completion trained
+
+
+def test_generate_takes_conversations_and_a_system_prompt():
+    from tinyllama_ft import generate
+    from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
+
+    model, tokenizer = build_tiny_model(), build_tiny_tokenizer()
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    one = generate(model, tokenizer, conversation, max_new_tokens=6, progress=False)
+    assert isinstance(one, dict) and [one] == generate(model, tokenizer, [conversation], max_new_tokens=6,
+                                                       progress=False)
+    with_system = generate(model, tokenizer, "Hi", max_new_tokens=6, system_prompt="Be brief.", progress=False)
+    assert with_system == generate(model, tokenizer, conversation[:2], max_new_tokens=6, progress=False)
+    assert with_system == generate(model, tokenizer, conversation[1:2], max_new_tokens=6, system_prompt="Be brief.",
+                                   progress=False)
