@@ -151,7 +151,8 @@ def saved_system_prompt(run_dir: str) -> str | None:
     if not os.path.isfile(path):
         return None  # load_for_inference says what is missing
     try:
-        return json.load(open(path, encoding="utf-8")).get("system_prompt") or None
+        with open(path, encoding="utf-8") as file:
+            return json.load(file).get("system_prompt") or None
     except (OSError, ValueError) as error:
         raise UserError(f"{path} is unreadable ({error}): it records the run's system prompt; restore it or pass "
                         "--system_prompt") from None
