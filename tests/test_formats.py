@@ -70,8 +70,10 @@ def test_system_prompt_is_the_first_turn_of_every_format(tinyllama_tokenizer):
     alpaca = _encode(tinyllama_tokenizer, {"instruction": "Hi", "input": "", "output": "Hello!"}, "alpaca",
                      system_prompt="Be brief.")
     chat = _encode(tinyllama_tokenizer, {"messages": TWO_TURNS[1:3]}, "messages", system_prompt="Be brief.")
+    completion = _encode(tinyllama_tokenizer, {"prompt": "Hi", "completion": "Hello!"}, "prompt_completion",
+                         system_prompt="Be brief.")
     expected = SYSTEM + USER_HI + ASSISTANT + [10994, 29991, EOS]
-    assert dolly == alpaca == chat and dolly["input_ids"] == expected
+    assert dolly == alpaca == chat == completion and dolly["input_ids"] == expected
     assert dolly["labels"] == [M] * (len(expected) - 3) + [10994, 29991, EOS]
     own = _encode(tinyllama_tokenizer, {"messages": TWO_TURNS}, "messages", system_prompt="Be long-winded.")
     assert own == _encode(tinyllama_tokenizer, {"messages": TWO_TURNS}, "messages")  # a row's own system turn wins
@@ -150,6 +152,16 @@ def test_split_works_without_categories():
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def test_data_fields_from_the_notebook_and_its_environment():
+    from tinyllama_ft import notebook_config
+
+    config = notebook_config({"columns": {"instruction": "question"}, "system_prompt": "Hi"}, environ={})
+    assert (config.columns, config.system_prompt) == ({"instruction": "question"}, "Hi")
+    config = notebook_config({}, environ={"TINYLLAMA_FT_COLUMNS": "instruction=question,response=answer",
+                                          "TINYLLAMA_FT_DATASET_FORMAT": "alpaca"})
+    assert (config.columns, config.dataset_format) == ({"instruction": "question", "response": "answer"}, "alpaca")
 
 
 def test_columns_from_a_flag_json_yaml_and_python(tmp_path):
