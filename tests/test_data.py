@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tinyllama_ft.data import (format_user_turn, length_stats, load_rows, split_rows, to_example,
-                               validate_rows)
+from tinyllama_ft.data import (format_user_turn, length_stats, load_rows, rename_columns, split_rows, to_conversation,
+                               to_example, validate_rows)
 from tinyllama_ft.errors import UserError
 
 ROW = {"instruction": "Who wrote Hamlet?", "context": "", "response": "William Shakespeare.", "category": "open_qa"}
@@ -39,6 +39,47 @@ def test_row_becomes_a_conversational_prompt_completion_example():
 def test_validation_names_the_first_bad_row_and_column(row, message):
     with pytest.raises(UserError, match=rf"row 1.*{message}"):
         validate_rows([ROW, row])
+
+
+@pytest.mark.parametrize("row, fmt", [
+    (ROW, "dolly"), ({"instruction": "a", "input": "", "output": "b"}, "alpaca"), ({"instruction": "a", "output": "b"}, "alpaca"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "messages"), ({"prompt": "a", "completion": "b"}, "prompt_completion"),
+    ({"prompt": [{"role": "user", "content": "a"}], "completion": "b"}, "prompt_completion"),
+])
+def test_the_format_is_detected_from_the_columns(row, fmt):
+    assert validate_rows([row, row]) == fmt
+
+
+@pytest.mark.parametrize("row, fmt, message", [
+    ({"instruction": "a", "input": ""}, "alpaca", "no column 'output'"),
+    ({"instruction": "a", "input": 1, "output": "b"}, "alpaca", "'input' is int"),
+    ({"instruction": "a", "output": " "}, "alpaca", "'output' is empty"),
+    ({"messages": {"role": "user"}}, "messages", "'messages' is dict, expected a list"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages", "message 0 is not {role, content} strings"),
+    ({"prompt": "a", "completion": 3}, "prompt_completion", "'completion' is int, expected a list"),
+    ({"messages": [], "category": 2}, "messages", "'category' is int"),
+])
+def test_validation_of_each_format_names_the_row(row, fmt, message):
+    good = {"alpaca": {"instruction": "a", "output": "b"},
+            "messages": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            "prompt_completion": {"prompt": "a", "completion": "b"}}[fmt]
+    with pytest.raises(UserError) as error:
+        validate_rows([good, row], dataset_format=fmt)
+    assert "row 1" in str(error.value) and message in str(error.value), str(error.value)
+
+
+def test_columns_are_renamed_to_ours():
+    rows = [{"q": "Hi", "a": "Hello", "id": 1}]
+    assert rename_columns(rows, {"instruction": "q", "response": "a"}) == [{"id": 1, "instruction": "Hi", "response": "Hello"}]
+    with pytest.raises(UserError, match="row 0 has no column 'ctx' \\(mapped to context"):
+        rename_columns(rows, {"context": "ctx"})
+
+
+def test_a_dolly_row_becomes_one_user_and_one_assistant_turn():
+    assert to_conversation(dict(ROW, context="Plays."), "dolly", system_prompt="Be brief.") == {
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Who wrote Hamlet?\n\nContext:\nPlays."},
+                     {"role": "assistant", "content": "William Shakespeare."}], "category": "open_qa"}
 
 
 def test_an_empty_dataset_is_rejected():

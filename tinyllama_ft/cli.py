@@ -16,10 +16,11 @@ USAGE = """python -m tinyllama_ft COMMAND [options]
 commands:
   config    [--config F.yaml] [--name value ...]   print the resolved configuration (JSON)
   preview   --model_name_or_path M --dataset_name D [--n N] [--out F.jsonl]
+            [--dataset_format F] [--columns a=b,...] [--system_prompt TEXT]
                                                   write exactly what the trainer is fed
   train     [--config F.yaml] [--preset smoke] [--name value ...]
                                                   fine-tune, evaluate and save a run folder
-  generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N]
+  generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N] [--system_prompt TEXT]
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
             [--format gguf [--quantization f16|q8_0]]  or one .gguf + Ollama Modelfile
@@ -97,16 +98,24 @@ def cmd_preview(args: list[str]) -> None:
     parser = _parser("preview")
     parser.add_argument("--model_name_or_path", required=True, help="tokenizer source (no weights needed)")
     parser.add_argument("--dataset_name", required=True)
+    for name in ("dataset_format", "columns", "dataset_config", "dataset_split", "system_prompt"):
+        parser.add_argument(f"--{name}", help="as for train (see `config --help`)")
     parser.add_argument("--n", type=int, default=5, help="first N rows of the file")
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--out", help="write JSON lines here instead of stdout")
     opts = _parse(parser, args)
-    from .data import encode_rows, load_rows
+    from .data import (check_system_prompt, encode_rows, exclusion_counts, load_rows, parse_columns,
+                       to_conversations)
     from .modeling import load_tokenizer
 
+    columns, system_prompt = parse_columns(opts.columns), (opts.system_prompt or "").strip() or None
+    dataset_format = opts.dataset_format or "auto"
+    rows = load_rows(opts.dataset_name, opts.dataset_config, opts.dataset_split or "train", columns,
+                     dataset_format)[: opts.n]
     tokenizer = load_tokenizer(opts.model_name_or_path)
-    rows = load_rows(opts.dataset_name)[: opts.n]
-    encoded, excluded, _ = encode_rows(tokenizer, rows, opts.max_length)
+    check_system_prompt(system_prompt, tokenizer)
+    conversations = to_conversations(rows, dataset_format, system_prompt)
+    encoded, excluded, _ = encode_rows(tokenizer, conversations, opts.max_length)
     lines = [json.dumps({"row": i, **encoded[i]}) for i in sorted(encoded)]
     if opts.out:
         with open(opts.out, "w", encoding="utf-8") as file:
@@ -115,6 +124,9 @@ def cmd_preview(args: list[str]) -> None:
         print("\n".join(lines))
     for index, why in excluded.items():
         print(f"excluded row {index}: {why}", file=sys.stderr)
+    if excluded:
+        counts = ", ".join(f"{n} {kind}" for kind, n in exclusion_counts(excluded).items())
+        print(f"excluded {len(excluded)} of {len(rows)} rows: {counts}", file=sys.stderr)
 
 
 def cmd_generate(args: list[str]) -> None:
@@ -123,12 +135,28 @@ def cmd_generate(args: list[str]) -> None:
     parser.add_argument("--instruction", required=True)
     parser.add_argument("--context", default="")
     parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--system_prompt", help="default: the run's own (run_config.json); \"\" for none")
     opts = _parse(parser, args)
     from .artifacts import load_for_inference
     from .evaluate import generate
 
+    system_prompt = saved_system_prompt(opts.adapter) if opts.system_prompt is None else opts.system_prompt.strip()
     model, tokenizer = load_for_inference(opts.adapter)
-    print(generate(model, tokenizer, opts.instruction, opts.context, opts.max_new_tokens, progress=False)["text"])
+    print(generate(model, tokenizer, opts.instruction, opts.context, opts.max_new_tokens, progress=False,
+                   system_prompt=system_prompt)["text"])
+
+
+def saved_system_prompt(run_dir: str) -> str | None:
+    """The system prompt a run was trained with (`run_config.json`), so inference formats prompts the same."""
+    path = os.path.join(run_dir, "run_config.json")
+    if not os.path.isfile(path):
+        return None  # load_for_inference says what is missing
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file).get("system_prompt") or None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is unreadable ({error}): it records the run's system prompt; restore it or pass "
+                        "--system_prompt") from None
 
 
 def cmd_export(args: list[str]) -> None:

@@ -84,8 +84,32 @@ class Config(SFTConfig):
     # --- data ---
     dataset_name: str = field(
         default="databricks/databricks-dolly-15k",
-        metadata={"help": "A hub dataset id or a local .json/.jsonl/.parquet file with columns "
-                  "instruction, context, response (category optional)."},
+        metadata={"help": "A hub dataset id, a local dataset folder, or a local .json/.jsonl/.parquet file in one "
+                  "of the formats of dataset_format."},
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "auto | dolly | alpaca | messages | prompt_completion. auto: detected from the columns: "
+                  "dolly (instruction, context, response), alpaca (instruction, input, output), messages (a list "
+                  "of {role, content}, every assistant turn trained) or prompt_completion (prompt, completion: "
+                  "strings or message lists, the completion trained). Category optional in all.",
+                  "choices": ["auto", "dolly", "alpaca", "messages", "prompt_completion"]},
+    )
+    columns: dict[str, str] | str | None = field(
+        default=None,
+        metadata={"help": "Rename the dataset's columns to ours: instruction=question,response=answer (in YAML "
+                  "also a mapping). Names: instruction, context, response, input, output, category, messages, "
+                  "prompt, completion."},
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) name of a hub dataset or dataset folder."})
+    dataset_split: str = field(
+        default="train", metadata={"help": "Split of a hub dataset or dataset folder to read (e.g. train, "
+                                   "train[:2000]); the train/validation/test split is then drawn from it."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System message put first in every conversation that has none, identically at training, "
+                  "evaluation, generate and chat; saved in run_config.json. Default: none."},
     )
     train_size: int = field(default=5000, metadata={"help": "Training rows, drawn after the held-out splits."})
     eval_size: int = field(default=500, metadata={"help": "Validation rows (loss and perplexity), held out first."})
@@ -152,6 +176,13 @@ class Config(SFTConfig):
         super().__post_init__()
 
     def _check_values(self):
+        from .data import FORMATS, parse_columns
+
+        if self.dataset_format not in ("auto", *FORMATS):
+            raise UserError(f"dataset_format must be auto, {', '.join(FORMATS)}, got {self.dataset_format!r}")
+        self.columns = parse_columns(self.columns) or None
+        self.system_prompt = (self.system_prompt or "").strip() or None
+        self.dataset_split = self.dataset_split or "train"
         positive = ["lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "train_size", "max_new_tokens"]
         for name in positive:
@@ -253,6 +284,8 @@ def _as_flag(key: str, value) -> list[str]:
         raise UserError(f"unknown configuration field {key!r}: see `python -m tinyllama_ft config --help`")
     if isinstance(value, (list, tuple)):
         return [f"--{key}", *map(str, value)]
+    if isinstance(value, dict):
+        return [f"--{key}", json.dumps(value)]
     return [f"--{key}", str(value)]
 
 

@@ -10,7 +10,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, encode_prompt, to_example
+from .data import IGNORE_INDEX, encode_prompt, prompt_messages
 
 
 @torch.no_grad()
@@ -70,17 +70,19 @@ def pad_batch(examples: list[dict], pad_token_id: int, device) -> dict[str, torc
 
 
 @torch.no_grad()
-def generate(model, tokenizer, instructions: list[str] | str, contexts: list[str] | str | None = None,
-             max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True) -> list[dict]:
+def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] | list[dict],
+             contexts: list[str] | str | None = None, max_new_tokens: int = 256, batch_size: int = 8,
+             progress: bool = True, system_prompt: str | None = None) -> list[dict]:
     """Greedy responses, formatted exactly as in training; batched with left padding.
 
+    `instructions`: instructions (with `contexts`), or conversations so far (lists of `{role, content}`),
+    one or many; `system_prompt` goes first where a conversation has no system turn (`prompt_messages`).
     Returns one dict per input: `text` (the response) and `ended` (the model emitted EOS itself).
     Under several processes each generates its share and every process gets all results."""
-    single = isinstance(instructions, str)
+    single = isinstance(instructions, str) or (bool(instructions) and isinstance(instructions[0], dict))
     instructions = [instructions] if single else list(instructions)
     contexts = [contexts or ""] * len(instructions) if contexts is None or isinstance(contexts, str) else contexts
-    prompts = [encode_prompt(tokenizer, to_example({"instruction": i, "context": c, "response": "-"})["prompt"])
-               for i, c in zip(instructions, contexts)]
+    prompts = [encode_prompt(tokenizer, prompt_messages(i, c, system_prompt)) for i, c in zip(instructions, contexts)]
     model.eval()
     device = next(model.parameters()).device
     results: list[dict | None] = [None] * len(prompts)

@@ -124,13 +124,13 @@ def describe_run(config) -> Rendered:
 def describe_data(data, config) -> Rendered:
     """Rows loaded, dropped (and why), split sizes, token lengths and the prompt/response token shares."""
     stats = data.stats(config.max_length)
-    over = stats["tokens"]["over_max_length"]
     tokens = stats["tokens"]
     share = stats["response_token_share"]
     rows = [
         ("rows loaded", f"{len(data.rows):,}"),
-        ("rows dropped", f"{len(data.excluded):,} ({over:,} over max_length {config.max_length}, "
-         f"{len(data.excluded) - over:,} with special-token text)"),
+        ("rows dropped", f"{len(data.excluded):,}" + (" (" + ", ".join(
+            f"{n:,} {kind}" + (f" {config.max_length}" if kind == "over max_length" else "")
+            for kind, n in stats["excluded_by_reason"].items()) + ")" if data.excluded else "")),
         ("train / validation / test", " / ".join(f"{len(data.split[p]):,}" for p in SPLITS)),
         ("tokens per kept row", f"mean {tokens['mean']:.0f}, median {tokens['median']:.0f}, "
          f"p90 {tokens['p90']:.0f}, max {tokens['max']:,}"),
@@ -197,8 +197,23 @@ def plot_lengths(data, max_length: int, save_to=None):
 def pick_example(data, part: str = "train", target_length: int = 120) -> int:
     """A row index worth showing: a row with context whose length is nearest `target_length`."""
     indices = data.split[part] or sorted(data.encoded)
-    with_context = [i for i in indices if data.rows[i].get("context", "").strip()] or indices
+    with_context = [i for i in indices if (data.rows[i].get("context") or data.rows[i].get("input") or "").strip()] or indices
     return min(with_context, key=lambda i: (abs(len(data.encoded[i]["input_ids"]) - target_length), i))
+
+
+def pick_conversation(data, part: str = "train", target_length: int = 160) -> dict:
+    """A multi-turn conversation worth showing (`{"messages": [...]}`): the one of `part` nearest
+    `target_length` tokens, or, when the data has none (Dolly), its two shortest rows of `part` joined
+    into one two-turn conversation, the system prompt (if any) first."""
+    indices = data.split[part] or sorted(data.encoded)
+    turns = lambda i: sum(m["role"] == "assistant" for m in data.conversations[i]["messages"])  # noqa: E731
+    multi = [i for i in indices if turns(i) > 1]
+    if multi:
+        index = min(multi, key=lambda i: (abs(len(data.encoded[i]["input_ids"]) - target_length), i))
+        return {"messages": data.conversations[index]["messages"]}
+    first, second = sorted(indices, key=lambda i: (len(data.encoded[i]["input_ids"]), i))[:2]
+    later = [m for m in data.conversations[second]["messages"] if m["role"] != "system"]
+    return {"messages": data.conversations[first]["messages"] + later}
 
 
 def mask_segments(tokenizer, example: dict) -> list[tuple[bool, str]]:
@@ -226,7 +241,7 @@ def show_loss_mask(tokenizer, example: dict, save_to=None, window: int = 7):
     kinds = [0 if not t else 2 if i == tokenizer.eos_token_id else 1 for i, t in zip(ids, trained)]
     n, n_trained = len(ids), sum(trained)
     print(f"{n} tokens: {n - n_trained} prompt tokens (label -100, no loss), {n_trained} trained tokens "
-          "(response + EOS) shown [[like this]]:\n")
+          "(each assistant response + its EOS) shown [[like this]]:\n")
     print(format_loss_mask(tokenizer, example))
 
     first = trained.index(True) if any(trained) else n
@@ -397,7 +412,7 @@ def format_generations(data, base: dict, tuned: dict, n: int = 3, save_to=None, 
     candidates = [r for r in data.generate_rows if r in by_row["base"] and r in by_row["tuned"]]
     for first_pass in (True, False):
         for index in candidates:
-            category = data.rows[index].get("category", "")
+            category = data.conversations[index]["category"]
             if len(rows) < n and index not in rows and (not first_pass or category not in seen):
                 rows.append(index)
                 seen.add(category)
@@ -408,11 +423,13 @@ def format_generations(data, base: dict, tuned: dict, n: int = 3, save_to=None, 
 
     blocks, html_rows, markdown = [], [], []
     for index in rows:
-        row = data.rows[index]
-        prompt = row["instruction"] + (f"\n\nContext:\n{_clip(row['context'], limit)}" if row.get("context") else "")
-        cells = {"prompt": prompt, "reference": _clip(row["response"], limit),
+        messages = data.conversations[index]["messages"]
+        earlier = [m for m in messages[:-1] if m["role"] != "system"]
+        prompt = (_clip(earlier[0]["content"], limit) if len(earlier) == 1 else
+                  "\n\n".join(f"{m['role']}: {_clip(m['content'], limit)}" for m in earlier))
+        cells = {"prompt": prompt, "reference": _clip(messages[-1]["content"], limit),
                  "base": answer(by_row["base"][index]), "fine-tuned": answer(by_row["tuned"][index])}
-        title = f"row {index} ({row.get('category', '')})"
+        title = f"row {index} ({data.conversations[index]['category']})"
         blocks.append("\n".join([f"=== {title}"] + [f"--- {k}:\n{v}" for k, v in cells.items()]))
         html_rows.append("<tr>" + f"<td><b>{html.escape(title)}</b><br>" + "</td><td>".join(
             html.escape(v).replace("\n", "<br>") for v in cells.values()) + "</td></tr>")

@@ -24,7 +24,8 @@ from trl import SFTTrainer
 
 from .artifacts import check_output_dir, resume_path, save_run
 from .config import Config, compute_dtype
-from .data import category_counts, encode_rows, length_stats, load_rows, split_rows, stratified_sample
+from .data import (category_counts, check_system_prompt, encode_rows, exclusion_counts, length_stats,
+                   load_rows, split_rows, stratified_sample, to_conversations)
 from .errors import UserError
 from .evaluate import evaluate_loss, generate, score_generations
 from .modeling import check_target_modules, count_parameters, load_model, load_tokenizer, wrap_lora
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Data:
-    """The rows, their encodings, what was excluded and why, and the split (row indices)."""
+    """The rows (columns renamed as `columns` says), their conversations (`to_conversation`), their
+    encodings, what was excluded and why, and the split (row indices)."""
 
     rows: list[dict]
     encoded: dict[int, dict]
@@ -42,6 +44,7 @@ class Data:
     split: dict[str, list[int]]
     lengths: dict[int, int] = field(default_factory=dict)  # token length of every encodable row, kept or not
     generate_rows: list[int] = field(default_factory=list)
+    conversations: list[dict] = field(default_factory=list)  # one per row: {"messages": [...], "category": str}
 
     def examples(self, part: str) -> list[dict]:
         return [self.encoded[i] for i in self.split[part]]
@@ -52,6 +55,7 @@ class Data:
     def stats(self, max_length: int) -> dict:
         lengths = [len(e["input_ids"]) for e in self.encoded.values()]
         return {"tokens": length_stats(list(self.lengths.values()), max_length), "excluded": len(self.excluded),
+                "excluded_by_reason": exclusion_counts(self.excluded),
                 "categories": {part: category_counts(self.rows, idx) for part, idx in self.split.items()},
                 "response_token_share": sum(sum(l != -100 for l in e["labels"]) for e in self.encoded.values())
                 / max(sum(lengths), 1)}
@@ -65,22 +69,37 @@ def tokenization_cache_dir() -> Path:
 
 
 def prepare_data(config: Config, tokenizer) -> Data:
-    """Load, validate, encode and split the rows; rows over `max_length` are dropped and counted."""
-    rows = load_rows(config.dataset_name)
+    """Load, validate, format (any `dataset_format`, with the `system_prompt`), encode and split the rows;
+    rows that cannot be used (over `max_length`, special-token text, broken conversations) are dropped
+    and counted by reason."""
+    rows = load_rows(config.dataset_name, config.dataset_config, config.dataset_split, config.columns,
+                     config.dataset_format)
     wanted = config.train_size + config.eval_size + config.test_size
     if wanted > len(rows):
         raise UserError(f"train_size + eval_size + test_size = {wanted} but {config.dataset_name} has only "
                         f"{len(rows)} rows: lower the sizes")
-    encoded, excluded, lengths = encode_rows(tokenizer, rows, config.max_length,
+    check_system_prompt(config.system_prompt, tokenizer)
+    conversations = to_conversations(rows, config.dataset_format, config.system_prompt)
+    encoded, excluded, lengths = encode_rows(tokenizer, conversations, config.max_length,
                                              cache_dir=tokenization_cache_dir() if config.tokenization_cache else None)
+    reasons = exclusion_counts(excluded)
     if not encoded:
-        raise UserError(f"no row of {config.dataset_name} fits in max_length {config.max_length} "
-                        f"(first: {next(iter(excluded.values()))}): raise max_length")
+        if set(reasons) == {"over max_length"}:
+            raise UserError(f"no row of {config.dataset_name} fits in max_length {config.max_length} "
+                            f"(first: {next(iter(excluded.values()))}): raise max_length")
+        raise UserError(f"no usable row in {config.dataset_name} ({_counted(reasons)}; first: row "
+                        f"{next(iter(excluded))}, {next(iter(excluded.values()))}): fix the rows or --dataset_format")
     if excluded:
-        log.info("excluded %d of %d rows (first: row %d, %s)", len(excluded), len(rows), *next(iter(excluded.items())))
-    split = split_rows(rows, sorted(encoded), config.train_size, config.eval_size, config.test_size, config.seed)
-    generate_rows = stratified_sample(rows, split["test"], config.num_generate, random.Random(config.seed))
-    return Data(rows, encoded, excluded, split, lengths, generate_rows)
+        log.info("excluded %d of %d rows: %s (first: row %d, %s)", len(excluded), len(rows), _counted(reasons),
+                 *next(iter(excluded.items())))
+    split = split_rows(conversations, sorted(encoded), config.train_size, config.eval_size, config.test_size,
+                       config.seed)
+    generate_rows = stratified_sample(conversations, split["test"], config.num_generate, random.Random(config.seed))
+    return Data(rows, encoded, excluded, split, lengths, generate_rows, conversations)
+
+
+def _counted(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in reasons.items())
 
 
 def setup_model(config: Config, tokenizer=None):
@@ -207,11 +226,13 @@ def evaluate_model(config: Config, model, tokenizer, data: Data) -> dict:
             per_category[category] = {"eval_loss": group["loss"], "eval_perplexity": group["perplexity"],
                                       "eval_tokens": group["tokens"], "eval_rows": group["rows"]}
     if data.generate_rows:
-        rows = [data.rows[i] for i in data.generate_rows]
-        predictions = generate(model, tokenizer, [r["instruction"] for r in rows], [r["context"] for r in rows],
-                               config.max_new_tokens, batch_size=max(config.per_device_eval_batch_size, 8))
-        scores = score_generations(predictions, [r["response"].strip() for r in rows],
-                                   [r.get("category", "") for r in rows])
+        # The last assistant turn, given the turns before it (the system prompt included), against its reference.
+        conversations = [data.conversations[i] for i in data.generate_rows]
+        predictions = generate(model, tokenizer, [c["messages"][:-1] for c in conversations],
+                               max_new_tokens=config.max_new_tokens,
+                               batch_size=max(config.per_device_eval_batch_size, 8))
+        scores = score_generations(predictions, [c["messages"][-1]["content"] for c in conversations],
+                                   [c["category"] for c in conversations])
         for category, group in scores.pop("per_category", {}).items():
             per_category[category] = per_category.get(category, {}) | group
         metrics |= scores
