@@ -1,0 +1,115 @@
+"""`python -m tinyllama_ft serve`: an OpenAI-compatible server (`POST /v1/chat/completions`,
+streaming or not, and `GET /v1/models`) for a run folder or a merged export.
+
+It is transformers' own server (`transformers serve`: FastAPI, OpenAI schemas, SSE streaming,
+usage and finish reasons), given our model, with the two things it gets wrong for this model fixed:
+
+* **No BOS.** `transformers serve` builds the prompt with `tokenizer.apply_chat_template(...,
+  tokenize=True)`, and TinyLlama-Chat's template does not write `<s>`: the server feeds the model
+  a prompt without the BOS that every training row began with (measured on the smoke run:
+  20 prompt tokens instead of `encode_prompt`'s 21, and another answer than `generate`'s).
+  Here the served tokenizer's template starts with `{{ bos_token }}`, and before serving we check
+  that it renders exactly `encode_prompt`'s ids (`check_prompt_ids`), or refuse to start.
+* **Special-token text.** A message holding `</s>`, `<|user|>`... would be read as control tokens;
+  such a request gets HTTP 400 with `encode_prompt`'s message instead.
+
+It also serves the adapter as it is (no merge, no temporary copy of the weights): the model that
+answers is the one `load_for_inference` loads, so greedy answers equal `generate`'s. Requests are
+greedy unless they set a temperature above 0, and stop at `</s>` (the generation config's EOS).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+from .chat import load_chat_model
+from .data import encode_prompt, find_special_text
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROBES = [  # conversations whose prompt ids the served template must render exactly as encode_prompt
+    [{"role": "user", "content": "Name three primes."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "Summarize this.\n\nContext:\nA cat sat on a mat."},
+     {"role": "assistant", "content": "A cat sat."}, {"role": "user", "content": "Shorter?"}],
+]
+
+
+def served_tokenizer(tokenizer):
+    """A copy of `tokenizer` whose chat template writes the BOS itself, as `encode_prompt` does."""
+    served = copy.deepcopy(tokenizer)
+    if tokenizer.bos_token and "bos_token" not in tokenizer.chat_template:
+        served.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    check_prompt_ids(served, tokenizer)
+    return served
+
+
+def check_prompt_ids(served, tokenizer) -> None:
+    """Raise unless the template transformers' server applies gives `encode_prompt`'s ids."""
+    for messages in PROBES:
+        served_ids = served.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+        if served_ids != encode_prompt(tokenizer, messages):
+            raise UserError("the served chat template renders other prompt ids than training did "
+                            f"({served_ids[:8]}... vs {encode_prompt(tokenizer, messages)[:8]}...): "
+                            "serve a run of this project or its merged export")
+
+
+def build_app(model, tokenizer, name: str):
+    """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`."""
+    from fastapi import HTTPException
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.completion import CompletionHandler
+    from transformers.cli.serving.model_manager import ModelManager
+    from transformers.cli.serving.response import ResponseHandler
+    from transformers.cli.serving.server import build_server
+    from transformers.cli.serving.systemone import SystemOneHandler
+    from transformers.cli.serving.transcription import TranscriptionHandler
+    from transformers.cli.serving.utils import GenerationState
+
+    served = served_tokenizer(tokenizer)
+
+    class OneModel(ModelManager):
+        """The manager of `transformers serve --force-model`, handed our model instead of loading one."""
+
+        def _load_processor(self, model_id_and_revision, gguf_file=None):
+            return served
+
+        def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
+            return model
+
+    class ChatCompletions(ChatCompletionHandler):
+        async def handle_request(self, body: dict, request_id: str):
+            for message in body.get("messages") or []:
+                content = message.get("content") if isinstance(message, dict) else None
+                texts = [content] if isinstance(content, str) else [
+                    part.get("text", "") for part in content or [] if isinstance(part, dict)]
+                marker = next((m for m in map(lambda t: find_special_text(t, tokenizer), texts) if m), None)
+                if marker:
+                    raise HTTPException(status_code=400, detail=f"a message contains the special string {marker!r}, "
+                                        "which would be read as a control token; remove or escape it")
+            return await super().handle_request(body, request_id)
+
+    manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
+    state = GenerationState()
+    return build_server(manager, ChatCompletions(manager, state), completion_handler=CompletionHandler(manager, state),
+                        response_handler=ResponseHandler(manager, state),
+                        transcription_handler=TranscriptionHandler(manager, state),
+                        systemone_handler=SystemOneHandler(manager, state), generation_state=state)
+
+
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Load `folder` (a run or a merged export) and serve it until interrupted."""
+    import uvicorn
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    model, tokenizer = load_chat_model(folder)
+    name = Path(folder).resolve().name
+    app = build_app(model, tokenizer, name)
+    log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
+             folder, name, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
