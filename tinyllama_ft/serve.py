@@ -8,8 +8,8 @@ usage and finish reasons), given our model, with the two things it gets wrong fo
   tokenize=True)`, and TinyLlama-Chat's template does not write `<s>`: the server feeds the model
   a prompt without the BOS that every training row began with (measured on the smoke run:
   20 prompt tokens instead of `encode_prompt`'s 21, and another answer than `generate`'s).
-  Here the served tokenizer's template starts with `{{ bos_token }}`, and before serving we check
-  that it renders exactly `encode_prompt`'s ids (`check_prompt_ids`), or refuse to start.
+  Here the served tokenizer puts the BOS first (`served_tokenizer`), and before serving we check
+  that it gives exactly `encode_prompt`'s ids (`check_prompt_ids`), or refuse to start.
 * **Special-token text.** A message holding `</s>`, `<|user|>`... would be read as control tokens;
   such a request gets HTTP 400 with `encode_prompt`'s message instead.
 
@@ -30,7 +30,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-PROBES = [  # conversations whose prompt ids the served template must render exactly as encode_prompt
+PROBES = [  # conversations whose prompt ids the served tokenizer must give exactly as encode_prompt
     [{"role": "user", "content": "Name three primes."}],
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}],
     [{"role": "user", "content": "Summarize this.\n\nContext:\nA cat sat on a mat."},
@@ -39,21 +39,38 @@ PROBES = [  # conversations whose prompt ids the served template must render exa
 
 
 def served_tokenizer(tokenizer):
-    """A copy of `tokenizer` whose chat template writes the BOS itself, as `encode_prompt` does."""
+    """A copy of `tokenizer` whose `apply_chat_template` (what transformers' server tokenizes the
+    messages with) puts the BOS first, as `encode_prompt` does. The BOS cannot go into the template
+    text instead: SentencePiece would then tokenize what follows `<s>` without its leading "▁"
+    (`<|user|>` starts with id 29966 instead of 529 on TinyLlama), another prompt than training's."""
+    from transformers import BatchEncoding
+
     served = copy.deepcopy(tokenizer)
-    if tokenizer.bos_token and "bos_token" not in tokenizer.chat_template:
-        served.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    stock, bos = served.apply_chat_template, tokenizer.bos_token_id
+
+    def apply_chat_template(conversation, *args, return_tensors=None, **kwargs):
+        if not (kwargs.get("tokenize", True) and kwargs.get("return_dict")):
+            return stock(conversation, *args, return_tensors=return_tensors, **kwargs)
+        encoded = stock(conversation, *args, return_tensors=None, **kwargs)
+        ids, mask = list(encoded["input_ids"]), list(encoded.get("attention_mask") or [1] * len(encoded["input_ids"]))
+        if bos is not None and (not ids or ids[0] != bos):
+            ids, mask = [bos, *ids], [1, *mask]
+        if return_tensors is None:
+            return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+        return BatchEncoding({"input_ids": [ids], "attention_mask": [mask]}, tensor_type=return_tensors)
+
+    served.apply_chat_template = apply_chat_template
     check_prompt_ids(served, tokenizer)
     return served
 
 
 def check_prompt_ids(served, tokenizer) -> None:
-    """Raise unless the template transformers' server applies gives `encode_prompt`'s ids."""
+    """Raise unless `served`, called as transformers' server calls it, gives `encode_prompt`'s ids."""
     for messages in PROBES:
         served_ids = served.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"]
+                                                return_dict=True, return_tensors="pt")["input_ids"][0].tolist()
         if served_ids != encode_prompt(tokenizer, messages):
-            raise UserError("the served chat template renders other prompt ids than training did "
+            raise UserError("the served tokenizer gives other prompt ids than training did "
                             f"({served_ids[:8]}... vs {encode_prompt(tokenizer, messages)[:8]}...): "
                             "serve a run of this project or its merged export")
 
