@@ -90,3 +90,13 @@ def test_serve_answers_like_generate_streamed_and_not(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_serve_and_chat_refuse_a_folder_that_holds_no_model_in_one_line(tmp_path, capsys):
+    from tinyllama_ft.cli import main
+
+    for command in ("serve", "chat"):
+        assert main([command, "--adapter", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {tmp_path} is neither a run folder")
+    assert main(["serve", "--adapter", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    write_card(tmp, *read_run(adapter_dir), tokenizer, merged=True)
+    write_card(tmp, *read_run(adapter_dir), tokenizer, merged_to=out_dir)
     os.replace(tmp, out)
     return out
 

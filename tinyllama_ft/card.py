@@ -29,19 +29,22 @@ EXAMPLE = {"instruction": "Summarize the paragraph in one sentence.",
            "context": "Dolly is a corpus of 15,000 instruction-following records written by Databricks employees."}
 
 
-def write_card(folder: str | Path, run_config: dict, metrics: dict, tokenizer, merged: bool = False) -> Path:
-    """Write `folder/README.md` (replacing PEFT's empty template) and return its path."""
+def write_card(folder: str | Path, run_config: dict, metrics: dict, tokenizer, merged_to: str | None = None) -> Path:
+    """Write `folder/README.md` (replacing PEFT's empty template) and return its path: the card of
+    the run in `run_config["output_dir"]`, or of its merged export when `merged_to` names that folder."""
     path = Path(folder) / "README.md"
-    path.write_text(render_card(run_config, metrics, tokenizer, merged), encoding="utf-8")
+    path.write_text(render_card(run_config, metrics, tokenizer, merged_to), encoding="utf-8")
     return path
 
 
-def render_card(run_config: dict, metrics: dict, tokenizer, merged: bool = False) -> str:
-    name = Path(run_config.get("output_dir", "model")).name + ("-merged" if merged else "")
+def render_card(run_config: dict, metrics: dict, tokenizer, merged_to: str | None = None) -> str:
+    run_dir = str(run_config.get("output_dir", "runs/model"))
+    merged = merged_to is not None
+    name = Path(merged_to if merged else run_dir).name
     front = yaml.safe_dump(front_matter(name, run_config, metrics, merged), sort_keys=False, allow_unicode=True)
     sections = [f"---\n{front}---", summary(name, run_config, metrics, merged), data_section(run_config),
                 prompt_section(tokenizer), training_section(run_config, metrics), results_section(metrics),
-                usage_section(name, merged), limitations_section(metrics)]
+                usage_section(name, run_dir, merged_to), limitations_section(metrics)]
     return "\n\n".join(sections) + "\n"
 
 
@@ -188,8 +191,9 @@ def results_section(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def usage_section(name: str, merged: bool) -> str:
-    here = f"runs/{name}"
+def usage_section(name: str, run_dir: str, merged_to: str | None) -> str:
+    merged = merged_to is not None
+    here = merged_to if merged else run_dir
     load = (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
             f'model = AutoModelForCausalLM.from_pretrained("{here}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{here}")\n'
@@ -200,7 +204,7 @@ def usage_section(name: str, merged: bool) -> str:
             f'model, tokenizer = load_for_inference("{here}")   # the base model + this adapter\n'
             f'print(generate(model, tokenizer, "Give me three uses of a brick.")["text"])')
     export = "" if merged else (
-        f"python -m tinyllama_ft export --adapter {here} --out {here}-merged            # merged safetensors\n")
+        f"python -m tinyllama_ft export --adapter {run_dir} --out {run_dir}-merged            # merged safetensors\n")
     return "\n".join([
         "## Use it", "", "```python", load, "```", "",
         "From the command line, in a checkout of tinyllama-ft (greedy unless `--temperature` is given; the "
@@ -210,9 +214,9 @@ def usage_section(name: str, merged: bool) -> str:
         "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
         f"  -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name three primes.\"}}], "
         "\"max_tokens\": 128}'",
-        export + f"python -m tinyllama_ft export --adapter {'runs/' + name.removesuffix('-merged')} --out {here}-gguf "
-        "--format gguf --quantization q8_0   # llama.cpp / Ollama",
-        f"ollama create {name.lower()} -f {here}-gguf/Modelfile",
+        export + f"python -m tinyllama_ft export --adapter {run_dir} --out {run_dir}-gguf "
+        "--format gguf --quantization q8_0   # llama.cpp / Ollama (from the run folder)",
+        f"ollama create {name.lower()} -f {run_dir}-gguf/Modelfile",
         f"ollama run {name.lower()}", "```"])
 
 

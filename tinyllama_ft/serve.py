@@ -77,15 +77,18 @@ def check_prompt_ids(served, tokenizer) -> None:
 
 def build_app(model, tokenizer, name: str):
     """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`."""
-    from fastapi import HTTPException
-    from transformers.cli.serving.chat_completion import ChatCompletionHandler
-    from transformers.cli.serving.completion import CompletionHandler
-    from transformers.cli.serving.model_manager import ModelManager
-    from transformers.cli.serving.response import ResponseHandler
-    from transformers.cli.serving.server import build_server
-    from transformers.cli.serving.systemone import SystemOneHandler
-    from transformers.cli.serving.transcription import TranscriptionHandler
-    from transformers.cli.serving.utils import GenerationState
+    try:
+        from fastapi import HTTPException
+        from transformers.cli.serving.chat_completion import ChatCompletionHandler
+        from transformers.cli.serving.completion import CompletionHandler
+        from transformers.cli.serving.model_manager import ModelManager
+        from transformers.cli.serving.response import ResponseHandler
+        from transformers.cli.serving.server import build_server
+        from transformers.cli.serving.systemone import SystemOneHandler
+        from transformers.cli.serving.transcription import TranscriptionHandler
+        from transformers.cli.serving.utils import GenerationState
+    except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
+        raise UserError(f"serve needs transformers' server ({error}): pip install 'transformers[serving]>=5.24,<6'") from None
 
     served = served_tokenizer(tokenizer)
 
