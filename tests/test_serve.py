@@ -83,6 +83,9 @@ def test_serve_answers_like_generate_streamed_and_not(tmp_path):
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "Hi </s>"}])
         assert "special string '</s>'" in refused.value.response.json()["detail"]
+        with pytest.raises(BadRequestError) as refused:  # stories260k has 512 positions
+            client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "word " * 600}])
+        assert "drop its oldest turns" in refused.value.response.json()["detail"]
     finally:
         process.terminate()
         try:

@@ -11,7 +11,9 @@ usage and finish reasons), given our model, with the two things it gets wrong fo
   Here the served tokenizer puts the BOS first (`served_tokenizer`), and before serving we check
   that it gives exactly `encode_prompt`'s ids (`check_prompt_ids`), or refuse to start.
 * **Special-token text.** A message holding `</s>`, `<|user|>`... would be read as control tokens;
-  such a request gets HTTP 400 with `encode_prompt`'s message instead.
+  such a request gets HTTP 400 with `encode_prompt`'s message instead. So does a conversation longer
+  than the model's context, and without `max_tokens` an answer is given the room the context has left
+  (transformers' default, 1024 new tokens, ran past TinyLlama's 2048 positions on long prompts).
 
 It also serves the adapter as it is (no merge, no temporary copy of the weights): the model that
 answers is the one `load_for_inference` loads, so greedy answers equal `generate`'s. Requests are
@@ -24,12 +26,13 @@ import copy
 import logging
 from pathlib import Path
 
-from .chat import load_chat_model
-from .data import encode_prompt, find_special_text
+from .chat import context_length, load_chat_model
+from .data import encode_prompt
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_TOKENS = 1024  # transformers serve's default answer budget
 PROBES = [  # conversations whose prompt ids the served tokenizer must give exactly as encode_prompt
     [{"role": "user", "content": "Name three primes."}],
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}],
@@ -86,7 +89,7 @@ def build_app(model, tokenizer, name: str):
         from transformers.cli.serving.server import build_server
         from transformers.cli.serving.systemone import SystemOneHandler
         from transformers.cli.serving.transcription import TranscriptionHandler
-        from transformers.cli.serving.utils import GenerationState
+        from transformers.cli.serving.utils import GenerationState, Modality
     except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
         raise UserError(f"serve needs transformers' server ({error}): pip install 'transformers[serving]>=5.24,<6'") from None
 
@@ -102,15 +105,23 @@ def build_app(model, tokenizer, name: str):
             return model
 
     class ChatCompletions(ChatCompletionHandler):
+        """transformers' handler, after `encode_prompt` has checked the messages: special-token text
+        and conversations longer than the context are refused (HTTP 400); without `max_tokens` an
+        answer may fill the context, up to transformers' default of 1024 tokens."""
+
         async def handle_request(self, body: dict, request_id: str):
-            for message in body.get("messages") or []:
-                content = message.get("content") if isinstance(message, dict) else None
-                texts = [content] if isinstance(content, str) else [
-                    part.get("text", "") for part in content or [] if isinstance(part, dict)]
-                marker = next((m for m in map(lambda t: find_special_text(t, tokenizer), texts) if m), None)
-                if marker:
-                    raise HTTPException(status_code=400, detail=f"a message contains the special string {marker!r}, "
-                                        "which would be read as a control token; remove or escape it")
+            if isinstance(body.get("messages"), list) and all(isinstance(m, dict) for m in body["messages"]):
+                try:
+                    prompt = encode_prompt(tokenizer, self.get_processor_inputs_from_messages(body["messages"],
+                                                                                              Modality.LLM))
+                except UserError as error:
+                    raise HTTPException(status_code=400, detail=str(error)) from None
+                room = context_length(model) - len(prompt)
+                if room < 1:
+                    raise HTTPException(status_code=400, detail=f"the conversation is {len(prompt)} tokens, the "
+                                        f"model's context {context_length(model)}: drop its oldest turns")
+                if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+                    body["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
             return await super().handle_request(body, request_id)
 
     manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
