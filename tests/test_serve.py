@@ -9,8 +9,10 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from tinyllama_ft import encode_prompt, generate, load_for_inference
+from tinyllama_ft.chat import Chat
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.modeling import build_tiny_tokenizer
 from tinyllama_ft.serve import PROBES, check_prompt_ids, served_tokenizer
@@ -79,6 +81,12 @@ def test_serve_answers_like_generate_streamed_and_not(tmp_path):
         chunks = list(client.chat.completions.create(model=run.name, messages=messages, max_tokens=16, stream=True))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed.strip() == expected["text"] and len(chunks) > 3  # token by token
+
+        sampled = client.chat.completions.create(model=run.name, messages=messages, max_tokens=16, temperature=1.5,
+                                                 seed=1234).choices[0].message.content
+        torch.manual_seed(1234)  # the server seeds the same global generator per request
+        assert sampled.strip() == Chat(model, tokenizer, max_new_tokens=16, temperature=1.5).ask(question)
+        assert sampled.strip() != expected["text"]  # sampled, not greedy (transformers alone stays greedy)
 
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "Hi </s>"}])

@@ -17,7 +17,9 @@ usage and finish reasons), given our model, with the two things it gets wrong fo
 
 It also serves the adapter as it is (no merge, no temporary copy of the weights): the model that
 answers is the one `load_for_inference` loads, so greedy answers equal `generate`'s. Requests are
-greedy unless they set a temperature above 0, and stop at `</s>` (the generation config's EOS).
+greedy unless they set a temperature above 0 (then they sample: transformers alone would keep the
+model's `do_sample=False` and answer greedily at any temperature), and stop at `</s>` (the
+generation config's EOS).
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ def build_app(model, tokenizer, name: str):
                 if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
                     body["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
             return await super().handle_request(body, request_id)
+
+        def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
+            config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
+            if body.get("generation_config") is None and float(body.get("temperature") or 0) > 0:
+                config.do_sample = True  # transformers keeps the model's do_sample (False): greedy at any temperature
+            return config
 
     manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
     state = GenerationState()
