@@ -184,7 +184,7 @@ def results_section(metrics: dict) -> str:
         short = {"eval_loss": "loss", "eval_perplexity": "ppl", "rougeL": "ROUGE-L", "bleu": "BLEU", "eos_rate": "EOS rate"}
         header = " | ".join(f"{short.get(k, k)} base | {short.get(k, k)} tuned" for k in keys)
         lines += ["", "Per category (validation rows / test generations):", "",
-                  f"| category | rows | {header} |", "|---|---|" + "---|---|" * len(keys)]
+                  f"| category | rows (val/gen) | {header} |", "|---|---|" + "---|---|" * len(keys)]
         for c in categories:
             cells = " | ".join(f"{_fmt(base[c].get(k))} | {_fmt(tuned[c].get(k))}" for k in keys)
             lines.append(f"| {c} | {tuned[c].get('eval_rows', '-')}/{tuned[c].get('rows', '-')} | {cells} |")
