@@ -5,6 +5,9 @@ BOS, the generation prompt), the path training and `generate` use, so the first 
 `generate`'s for the same instruction. Greedy unless a temperature is given. Conversations longer
 than the context (the model's positions minus `max_new_tokens`) lose their oldest turns, a user
 message and its answer at a time; the system message stays.
+
+(transformers' own `transformers chat` is a terminal client of a running `transformers serve`; this
+one loads the model itself, so it needs no server and feeds exactly `encode_prompt`'s ids.)
 """
 
 from __future__ import annotations
