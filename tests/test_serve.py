@@ -75,6 +75,7 @@ def test_serve_answers_like_generate_streamed_and_not(tmp_path):
 
         reply = client.chat.completions.create(model=run.name, messages=messages, max_tokens=16)
         assert reply.choices[0].message.content.strip() == expected["text"] and expected["text"]
+        assert reply.model == run.name
         assert reply.choices[0].finish_reason == ("stop" if expected["ended"] else "length")
         assert reply.usage.prompt_tokens == len(encode_prompt(tokenizer, messages))
 

@@ -100,6 +100,10 @@ def build_app(model, tokenizer, name: str):
     class OneModel(ModelManager):
         """The manager of `transformers serve --force-model`, handed our model instead of loading one."""
 
+        @staticmethod
+        def process_model_name(model_id: str) -> str:
+            return model_id  # answers name the model as /v1/models does, without the hub's "@main"
+
         def _load_processor(self, model_id_and_revision, gguf_file=None):
             return served
 
