@@ -13,6 +13,7 @@ from peft import PeftConfig, PeftModel
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from .card import read_run, write_card
 from .errors import UserError
 from .modeling import load_model, load_tokenizer
 
@@ -72,6 +73,7 @@ def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: 
                        ("log_history.json", log_history), ("generations.json", generations),
                        ("metrics.json", metrics)):
         _write_json(staging / name, data)
+    write_card(staging, json.loads(config.to_json()), metrics, tokenizer)  # replaces PEFT's empty template
     for name in sorted(os.listdir(staging), key=lambda n: n == "metrics.json"):
         if (staging / name).is_file():
             os.chmod(staging / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
@@ -117,6 +119,7 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    write_card(tmp, *read_run(adapter_dir), tokenizer, merged_to=out_dir)
     os.replace(tmp, out)
     return out
 

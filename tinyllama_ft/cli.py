@@ -1,4 +1,4 @@
-"""`python -m tinyllama_ft {config,preview,train,generate,export}`: every error is one line."""
+"""`python -m tinyllama_ft {config,preview,train,generate,chat,serve,export,bench}`: every error is one line."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ commands:
   train     [--config F.yaml] [--preset smoke] [--name value ...]
                                                   fine-tune, evaluate and save a run folder
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N] [--system_prompt TEXT]
+  chat      --adapter DIR [--max_new_tokens N] [--temperature T] [--top_p P] [--system TEXT]
+                                                  talk to a run or a merged export, streamed
+  serve     --adapter DIR [--host 127.0.0.1] [--port 8000]
+                                                  OpenAI-compatible /v1/chat/completions
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
             [--format gguf [--quantization f16|q8_0]]  or one .gguf + Ollama Modelfile
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train,
-                "generate": cmd_generate, "export": cmd_export, "bench": cmd_bench}
+                "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "bench": cmd_bench}
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
         return 2
@@ -157,6 +161,30 @@ def saved_system_prompt(run_dir: str) -> str | None:
     except (OSError, ValueError) as error:
         raise UserError(f"{path} is unreadable ({error}): it records the run's system prompt; restore it or pass "
                         "--system_prompt") from None
+
+
+def cmd_chat(args: list[str]) -> None:
+    parser = _parser("chat")
+    parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--system", help="system message; default: the run's system_prompt, if any")
+    opts = _parse(parser, args)
+    from .chat import main as chat_main
+
+    chat_main(opts.adapter, opts.max_new_tokens, opts.temperature, opts.top_p, opts.system)
+
+
+def cmd_serve(args: list[str]) -> None:
+    parser = _parser("serve")
+    parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    opts = _parse(parser, args)
+    from .serve import serve
+
+    serve(opts.adapter, opts.host, opts.port)
 
 
 def cmd_export(args: list[str]) -> None:

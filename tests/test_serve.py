@@ -1,0 +1,114 @@
+"""`serve`: transformers' OpenAI-compatible server on our model renders `encode_prompt`'s ids (BOS
+included, which `transformers serve` alone omits), refuses special-token text, and answers, streamed
+or not, exactly what `generate` answers; tested through the real command line and a real HTTP client."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from tinyllama_ft import encode_prompt, generate, load_for_inference
+from tinyllama_ft.chat import Chat
+from tinyllama_ft.errors import UserError
+from tinyllama_ft.modeling import build_tiny_tokenizer
+from tinyllama_ft.serve import PROBES, check_prompt_ids, served_tokenizer
+
+from conftest import ROOT
+from runs import stories_run
+
+
+def test_the_stock_template_omits_the_bos_and_the_served_tokenizer_gives_encode_prompt(tinyllama_tokenizer):
+    for tokenizer in (tinyllama_tokenizer, build_tiny_tokenizer()):
+        for messages in PROBES:
+            stock = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]
+            assert [tokenizer.bos_token_id, *stock] == encode_prompt(tokenizer, messages)  # what serve alone feeds
+        served = served_tokenizer(tokenizer)
+        for messages in PROBES:
+            fed = served.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             return_tensors="pt")  # as transformers' ChatCompletionHandler calls it
+            assert fed["input_ids"].tolist() == [encode_prompt(tokenizer, messages)]
+            assert fed["attention_mask"].tolist() == [[1] * fed["input_ids"].shape[1]]
+    with pytest.raises(UserError, match="gives other prompt ids than training"):
+        check_prompt_ids(tinyllama_tokenizer, tinyllama_tokenizer)  # the stock template: no BOS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(process: subprocess.Popen, base_url: str, log, deadline_s: float = 300) -> dict:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{base_url}/models", timeout=5).json()
+        except httpx.TransportError:
+            time.sleep(0.5)
+    raise AssertionError(f"the server did not answer within {deadline_s} s")
+
+
+@pytest.mark.slow
+def test_serve_answers_like_generate_streamed_and_not(tmp_path):
+    from openai import BadRequestError, OpenAI
+
+    run = stories_run()
+    port, log = free_port(), tmp_path / "serve.log"
+    base_url = f"http://127.0.0.1:{port}/v1"
+    process = subprocess.Popen([sys.executable, "-m", "tinyllama_ft", "serve", "--adapter", str(run), "--port",
+                                str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        models = wait_until_serving(process, base_url, log)
+        assert [m["id"] for m in models["data"]] == [run.name]
+        model, tokenizer = load_for_inference(str(run), device="cpu")
+        question = "Name three primes."
+        expected = generate(model, tokenizer, question, max_new_tokens=16, progress=False)
+        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": question}]
+
+        reply = client.chat.completions.create(model=run.name, messages=messages, max_tokens=16)
+        assert reply.choices[0].message.content.strip() == expected["text"] and expected["text"]
+        assert reply.model == run.name
+        assert reply.choices[0].finish_reason == ("stop" if expected["ended"] else "length")
+        assert reply.usage.prompt_tokens == len(encode_prompt(tokenizer, messages))
+
+        chunks = list(client.chat.completions.create(model=run.name, messages=messages, max_tokens=16, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed.strip() == expected["text"] and len(chunks) > 3  # token by token
+
+        sampled = client.chat.completions.create(model=run.name, messages=messages, max_tokens=16, temperature=1.5,
+                                                 seed=1234).choices[0].message.content
+        torch.manual_seed(1234)  # the server seeds the same global generator per request
+        assert sampled.strip() == Chat(model, tokenizer, max_new_tokens=16, temperature=1.5).ask(question)
+        assert sampled.strip() != expected["text"]  # sampled, not greedy (transformers alone stays greedy)
+
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "Hi </s>"}])
+        assert "special string '</s>'" in refused.value.response.json()["detail"]
+        with pytest.raises(BadRequestError) as refused:  # stories260k has 512 positions
+            client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "word " * 600}])
+        assert "drop its oldest turns" in refused.value.response.json()["detail"]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_serve_and_chat_refuse_a_folder_that_holds_no_model_in_one_line(tmp_path, capsys):
+    from tinyllama_ft.cli import main
+
+    for command in ("serve", "chat"):
+        assert main([command, "--adapter", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {tmp_path} is neither a run folder")
+    assert main(["serve", "--adapter", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err

@@ -1,0 +1,158 @@
+"""`python -m tinyllama_ft serve`: an OpenAI-compatible server (`POST /v1/chat/completions`,
+streaming or not, and `GET /v1/models`) for a run folder or a merged export.
+
+It is transformers' own server (`transformers serve`: FastAPI, OpenAI schemas, SSE streaming,
+usage and finish reasons), given our model, with the two things it gets wrong for this model fixed:
+
+* **No BOS.** `transformers serve` builds the prompt with `tokenizer.apply_chat_template(...,
+  tokenize=True)`, and TinyLlama-Chat's template does not write `<s>`: the server feeds the model
+  a prompt without the BOS that every training row began with (measured on the smoke run:
+  20 prompt tokens instead of `encode_prompt`'s 21, and another answer than `generate`'s).
+  Here the served tokenizer puts the BOS first (`served_tokenizer`), and before serving we check
+  that it gives exactly `encode_prompt`'s ids (`check_prompt_ids`), or refuse to start.
+* **Special-token text.** A message holding `</s>`, `<|user|>`... would be read as control tokens;
+  such a request gets HTTP 400 with `encode_prompt`'s message instead. So does a conversation longer
+  than the model's context, and without `max_tokens` an answer is given the room the context has left
+  (transformers' default, 1024 new tokens, ran past TinyLlama's 2048 positions on long prompts).
+
+It also serves the adapter as it is (no merge, no temporary copy of the weights): the model that
+answers is the one `load_for_inference` loads, so greedy answers equal `generate`'s. Requests are
+greedy unless they set a temperature above 0 (then they sample: transformers alone would keep the
+model's `do_sample=False` and answer greedily at any temperature), and stop at `</s>` (the
+generation config's EOS).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+from .chat import context_length, load_chat_model
+from .data import encode_prompt
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 1024  # transformers serve's default answer budget
+PROBES = [  # conversations whose prompt ids the served tokenizer must give exactly as encode_prompt
+    [{"role": "user", "content": "Name three primes."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "Summarize this.\n\nContext:\nA cat sat on a mat."},
+     {"role": "assistant", "content": "A cat sat."}, {"role": "user", "content": "Shorter?"}],
+]
+
+
+def served_tokenizer(tokenizer):
+    """A copy of `tokenizer` whose `apply_chat_template` (what transformers' server tokenizes the
+    messages with) puts the BOS first, as `encode_prompt` does. The BOS cannot go into the template
+    text instead: SentencePiece would then tokenize what follows `<s>` without its leading "▁"
+    (`<|user|>` starts with id 29966 instead of 529 on TinyLlama), another prompt than training's."""
+    from transformers import BatchEncoding
+
+    served = copy.deepcopy(tokenizer)
+    stock, bos = served.apply_chat_template, tokenizer.bos_token_id
+
+    def apply_chat_template(conversation, *args, return_tensors=None, **kwargs):
+        if not (kwargs.get("tokenize", True) and kwargs.get("return_dict")):
+            return stock(conversation, *args, return_tensors=return_tensors, **kwargs)
+        encoded = stock(conversation, *args, return_tensors=None, **kwargs)
+        ids, mask = list(encoded["input_ids"]), list(encoded.get("attention_mask") or [1] * len(encoded["input_ids"]))
+        if bos is not None and (not ids or ids[0] != bos):
+            ids, mask = [bos, *ids], [1, *mask]
+        if return_tensors is None:
+            return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+        return BatchEncoding({"input_ids": [ids], "attention_mask": [mask]}, tensor_type=return_tensors)
+
+    served.apply_chat_template = apply_chat_template
+    check_prompt_ids(served, tokenizer)
+    return served
+
+
+def check_prompt_ids(served, tokenizer) -> None:
+    """Raise unless `served`, called as transformers' server calls it, gives `encode_prompt`'s ids."""
+    for messages in PROBES:
+        served_ids = served.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True, return_tensors="pt")["input_ids"][0].tolist()
+        if served_ids != encode_prompt(tokenizer, messages):
+            raise UserError("the served tokenizer gives other prompt ids than training did "
+                            f"({served_ids[:8]}... vs {encode_prompt(tokenizer, messages)[:8]}...): "
+                            "serve a run of this project or its merged export")
+
+
+def build_app(model, tokenizer, name: str):
+    """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`."""
+    try:
+        from fastapi import HTTPException
+        from transformers.cli.serving.chat_completion import ChatCompletionHandler
+        from transformers.cli.serving.completion import CompletionHandler
+        from transformers.cli.serving.model_manager import ModelManager
+        from transformers.cli.serving.response import ResponseHandler
+        from transformers.cli.serving.server import build_server
+        from transformers.cli.serving.systemone import SystemOneHandler
+        from transformers.cli.serving.transcription import TranscriptionHandler
+        from transformers.cli.serving.utils import GenerationState, Modality
+    except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
+        raise UserError(f"serve needs transformers' server ({error}): pip install 'transformers[serving]>=5.24,<6'") from None
+
+    served = served_tokenizer(tokenizer)
+
+    class OneModel(ModelManager):
+        """The manager of `transformers serve --force-model`, handed our model instead of loading one."""
+
+        @staticmethod
+        def process_model_name(model_id: str) -> str:
+            return model_id  # answers name the model as /v1/models does, without the hub's "@main"
+
+        def _load_processor(self, model_id_and_revision, gguf_file=None):
+            return served
+
+        def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
+            return model
+
+    class ChatCompletions(ChatCompletionHandler):
+        """transformers' handler, after `encode_prompt` has checked the messages: special-token text
+        and conversations longer than the context are refused (HTTP 400); without `max_tokens` an
+        answer may fill the context, up to transformers' default of 1024 tokens."""
+
+        async def handle_request(self, body: dict, request_id: str):
+            if isinstance(body.get("messages"), list) and all(isinstance(m, dict) for m in body["messages"]):
+                try:
+                    prompt = encode_prompt(tokenizer, self.get_processor_inputs_from_messages(body["messages"],
+                                                                                              Modality.LLM))
+                except UserError as error:
+                    raise HTTPException(status_code=400, detail=str(error)) from None
+                room = context_length(model) - len(prompt)
+                if room < 1:
+                    raise HTTPException(status_code=400, detail=f"the conversation is {len(prompt)} tokens, the "
+                                        f"model's context {context_length(model)}: drop its oldest turns")
+                if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+                    body["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
+            return await super().handle_request(body, request_id)
+
+        def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
+            config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
+            if body.get("generation_config") is None and float(body.get("temperature") or 0) > 0:
+                config.do_sample = True  # transformers keeps the model's do_sample (False): greedy at any temperature
+            return config
+
+    manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
+    state = GenerationState()
+    return build_server(manager, ChatCompletions(manager, state), completion_handler=CompletionHandler(manager, state),
+                        response_handler=ResponseHandler(manager, state),
+                        transcription_handler=TranscriptionHandler(manager, state),
+                        systemone_handler=SystemOneHandler(manager, state), generation_state=state)
+
+
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Load `folder` (a run or a merged export) and serve it until interrupted."""
+    import uvicorn
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    model, tokenizer = load_chat_model(folder)
+    name = Path(folder).resolve().name
+    app = build_app(model, tokenizer, name)
+    log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
+             folder, name, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
