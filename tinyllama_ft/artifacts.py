@@ -119,6 +119,8 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if (Path(adapter_dir) / "run_config.json").is_file():  # the system prompt travels with the model
+        shutil.copy(Path(adapter_dir) / "run_config.json", tmp / "run_config.json")
     write_card(tmp, *read_run(adapter_dir), tokenizer, merged_to=out_dir)
     os.replace(tmp, out)
     return out
@@ -138,6 +140,19 @@ def push_to_hub(folder: str, repo_id: str) -> str:
     except Exception as error:  # no network, no permission: the local folder is still complete
         return f"push skipped: could not upload to {repo_id} ({type(error).__name__}); {folder} is saved locally"
     return f"pushed {folder} to {repo_id}"
+
+
+def saved_system_prompt(run_dir: str) -> str | None:
+    """The system prompt a run was trained with (`run_config.json`), so inference formats prompts the same."""
+    path = os.path.join(run_dir, "run_config.json")
+    if not os.path.isfile(path):
+        return None  # load_for_inference says what is missing
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file).get("system_prompt") or None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is unreadable ({error}): it records the run's system prompt; restore it or pass "
+                        "--system_prompt") from None
 
 
 def _fix_generation_config(model, tokenizer) -> None:

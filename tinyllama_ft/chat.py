@@ -12,7 +12,6 @@ one loads the model itself, so it needs no server and feeds exactly `encode_prom
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from typing import Iterable, TextIO
 import torch
 from transformers import TextStreamer
 
-from .data import encode_prompt, find_special_text
+from .artifacts import saved_system_prompt
+from .data import encode_prompt, find_special_text, prompt_messages
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,6 @@ def load_chat_model(folder: str, device: str | None = None, dtype: torch.dtype |
     model = load_model(folder, dtype, device=device)
     _fix_generation_config(model, tokenizer)
     return model.eval(), tokenizer
-
-
-def default_system_prompt(folder: str) -> str | None:
-    """The run's `system_prompt` (run_config.json), when it has a non-empty one."""
-    path = Path(folder) / "run_config.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8")).get("system_prompt") or None
 
 
 class _Streamer(TextStreamer):
@@ -105,13 +97,14 @@ class Chat:
         """`encode_prompt` over the system message, the history and `user`, dropping the oldest
         user/assistant pairs while it is longer than the context leaves room for."""
         budget = context_length(self.model) - self.max_new_tokens
-        system = [{"role": "system", "content": self.system}] if self.system else []
         turns = [{"role": "user", "content": user}]
-        ids = encode_prompt(self.tokenizer, system + self.history + turns)  # raises on special-token text
-        dropped = 0
+        # prompt_messages: contents stripped and the system turn first, exactly as training formats rows
+        ids = encode_prompt(self.tokenizer, prompt_messages(self.history + turns, system_prompt=self.system))
+        dropped = 0  # encode_prompt raised above on special-token text
         while len(ids) > budget and len(self.history) > 2 * dropped:
             dropped += 1
-            ids = encode_prompt(self.tokenizer, system + self.history[2 * dropped:] + turns)
+            ids = encode_prompt(self.tokenizer, prompt_messages(self.history[2 * dropped:] + turns,
+                                                                system_prompt=self.system))
         if len(ids) > budget:
             raise UserError(f"this message needs {len(ids)} prompt tokens but the context leaves {budget} "
                             f"({context_length(self.model)} positions - {self.max_new_tokens} new tokens): "
@@ -204,7 +197,7 @@ def main(folder: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1, got {temperature} and {top_p}")
     model, tokenizer = load_chat_model(folder)
-    system = system if system is not None else default_system_prompt(folder)
+    system = system if system is not None else saved_system_prompt(folder)
     if system and find_special_text(system, tokenizer):
         raise UserError(f"--system contains the special string {find_special_text(system, tokenizer)!r}: remove it")
     run_chat(Chat(model, tokenizer, system, max_new_tokens, temperature, top_p), read_turns())

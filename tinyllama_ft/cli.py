@@ -141,7 +141,7 @@ def cmd_generate(args: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--system_prompt", help="default: the run's own (run_config.json); \"\" for none")
     opts = _parse(parser, args)
-    from .artifacts import load_for_inference
+    from .artifacts import load_for_inference, saved_system_prompt
     from .evaluate import generate
 
     system_prompt = saved_system_prompt(opts.adapter) if opts.system_prompt is None else opts.system_prompt.strip()
@@ -150,30 +150,19 @@ def cmd_generate(args: list[str]) -> None:
                    system_prompt=system_prompt)["text"])
 
 
-def saved_system_prompt(run_dir: str) -> str | None:
-    """The system prompt a run was trained with (`run_config.json`), so inference formats prompts the same."""
-    path = os.path.join(run_dir, "run_config.json")
-    if not os.path.isfile(path):
-        return None  # load_for_inference says what is missing
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file).get("system_prompt") or None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is unreadable ({error}): it records the run's system prompt; restore it or pass "
-                        "--system_prompt") from None
-
-
 def cmd_chat(args: list[str]) -> None:
     parser = _parser("chat")
     parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
     parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--system", help="system message; default: the run's system_prompt, if any")
+    parser.add_argument("--system", "--system_prompt", dest="system",
+                        help="system message; default: the run's system_prompt, if any; \"\" for none")
     opts = _parse(parser, args)
     from .chat import main as chat_main
 
-    chat_main(opts.adapter, opts.max_new_tokens, opts.temperature, opts.top_p, opts.system)
+    system = None if opts.system is None else opts.system.strip()
+    chat_main(opts.adapter, opts.max_new_tokens, opts.temperature, opts.top_p, system)
 
 
 def cmd_serve(args: list[str]) -> None:

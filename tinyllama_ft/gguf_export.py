@@ -42,7 +42,7 @@ JINJA_SPACE, OLLAMA_SPACE = "{{ ' ' }}", '{{ " " }}'
 def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Path:
     """Merge the adapter (`merge_and_unload`) and write `out_dir/<run>-<quantization>.gguf` and an
     Ollama `Modelfile` next to it. Written into a hidden folder and renamed, so `out_dir` is whole or absent."""
-    from .artifacts import load_for_inference
+    from .artifacts import load_for_inference, saved_system_prompt
 
     try:
         import gguf  # noqa: F401
@@ -64,7 +64,7 @@ def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Pa
     try:
         write_gguf(merged, tokenizer, tmp / name, quantization, spm_dir=spm_dir, name=run_name)
         write_modelfile(tmp / "Modelfile", name, merged.config.max_position_embeddings,
-                        system_prompt=_run_config(adapter_dir).get("system_prompt") or "",
+                        system_prompt=saved_system_prompt(adapter_dir) or "",
                         leading_space=prefixes_first_text_only(tokenizer))
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
@@ -84,11 +84,6 @@ def _tokenizer_model_of_run(adapter_dir: str) -> str | None:
         return None  # not a run folder: load_for_inference says so
     base_name = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     return find_tokenizer_model(adapter_dir, base_name, load_tokenizer(adapter_dir))
-
-
-def _run_config(adapter_dir: str) -> dict:
-    path = Path(adapter_dir) / "run_config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 # --- the file --------------------------------------------------------------------------------------

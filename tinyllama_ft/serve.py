@@ -28,6 +28,7 @@ import copy
 import logging
 from pathlib import Path
 
+from .artifacts import saved_system_prompt
 from .chat import context_length, load_chat_model
 from .data import encode_prompt
 from .errors import UserError
@@ -80,8 +81,9 @@ def check_prompt_ids(served, tokenizer) -> None:
                             "serve a run of this project or its merged export")
 
 
-def build_app(model, tokenizer, name: str):
-    """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`."""
+def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
+    """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`; requests without
+    a system message get `system_prompt` (the run's own) first, as training formatted its rows."""
     try:
         from fastapi import HTTPException
         from transformers.cli.serving.chat_completion import ChatCompletionHandler
@@ -117,6 +119,8 @@ def build_app(model, tokenizer, name: str):
 
         async def handle_request(self, body: dict, request_id: str):
             if isinstance(body.get("messages"), list) and all(isinstance(m, dict) for m in body["messages"]):
+                if system_prompt and (not body["messages"] or body["messages"][0].get("role") != "system"):
+                    body["messages"] = [{"role": "system", "content": system_prompt}, *body["messages"]]
                 try:
                     prompt = encode_prompt(tokenizer, self.get_processor_inputs_from_messages(body["messages"],
                                                                                               Modality.LLM))
@@ -152,7 +156,7 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000) -> None:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
     model, tokenizer = load_chat_model(folder)
     name = Path(folder).resolve().name
-    app = build_app(model, tokenizer, name)
+    app = build_app(model, tokenizer, name, saved_system_prompt(folder))
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
              folder, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
