@@ -160,7 +160,8 @@ def generate(model, tokenizer, instructions: list[str] | str, contexts: list[str
     """Greedy responses, formatted exactly as in training; batched with left padding, prompts
     sorted by length so that a batch holds prompts of similar length.
 
-    Returns one dict per input: `text` (the response) and `ended` (the model emitted EOS itself).
+    Returns one dict per input: `text` (the response), `ended` (the model emitted EOS itself) and
+    `tokens` (how many it generated, the EOS included).
     `merge_lora`: run with the LoRA weights merged into the base (one matmul per projection instead
     of three) and put the exact original weights back afterwards; None (default) merges where that is
     exact to fp32 rounding: active LoRA adapters on fp32, unsharded `nn.Linear` weights
@@ -232,7 +233,8 @@ def _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, ba
             new = output[row, width:].tolist()
             ended = tokenizer.eos_token_id in new
             new = new[: new.index(tokenizer.eos_token_id)] if ended else new
-            results[index] = {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "ended": ended}
+            results[index] = {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "ended": ended,
+                              "tokens": len(new) + ended}
 
 
 def score_generations(predictions: list[dict], references: list[str], categories: list[str] | None = None) -> dict:
