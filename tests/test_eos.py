@@ -40,9 +40,9 @@ def run(stories_dir: str, dolly_path: str, out, seed_labels: bool) -> dict:
     before and after by evaluate_base / evaluate_model. The seed's variant differs only in its collator
     (and so in padded rather than padding-free batches, which that collator needs)."""
     config = parse_config(
-        [], model_name_or_path=stories_dir, dataset_name=dolly_path, output_dir=str(out), max_length=512,
-        train_size=480, eval_size=64, test_size=0, num_generate=0, max_steps=STEPS, per_device_train_batch_size=8,
-        gradient_accumulation_steps=1, learning_rate=3e-3, lora_r=8, lora_alpha=16, gradient_checkpointing=False,
+        [], model_name_or_path=stories_dir, dataset_name=dolly_path, output_dir=str(out), max_length=256,
+        train_size=240, eval_size=64, test_size=0, num_generate=0, max_steps=STEPS, per_device_train_batch_size=4,
+        gradient_accumulation_steps=1, learning_rate=5e-3, lora_r=8, lora_alpha=16, gradient_checkpointing=False,
         precision="fp32", use_cpu=True, eval_strategy="no", save_strategy="no", logging_steps=1000,
         report_to="none", disable_tqdm=True, padding_free=not seed_labels)
     tokenizer = load_tokenizer(config.model_name_or_path)

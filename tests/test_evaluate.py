@@ -182,3 +182,28 @@ def test_train_records_timings_that_add_up(tmp_path):
     assert wall - timings["total"] < max(1.0, 0.05 * wall)
     assert metrics["eos_logprob"] < 0 and metrics["base_eos_logprob"] < 0
     assert all("eos_logprob" in c for c in metrics["per_category"]["tuned"].values())
+
+
+@pytest.mark.slow  # two evaluation paths on the bench model (random Llama, vocabulary 32,000): ~1 minute
+def test_bench_eval_compares_the_paths_on_the_same_numbers(tmp_path):
+    from tinyllama_ft.bench import assets_dir, main
+
+    if not (assets_dir() / "tinyllama-tokenizer").is_dir():
+        pytest.skip(f"the real TinyLlama tokenizer is not under {assets_dir()} (set TINYLLAMA_ASSETS)")
+    out = tmp_path / "bench.json"
+    report = main(["--preset", "cpu", "--eval", "--rows", "5", "--max_new_tokens", "4", "--out", str(out)])
+    assert json.loads(out.read_text())["speedup"] == pytest.approx(report["speedup"])
+    assert report["validation_rows"] == 5 and report["generated_rows"] == 2 and report["texts"] == 4
+    assert report["max_relative_difference"] <= 1e-5  # labelled-only vs full logits
+    assert report["identical_texts"] == 4  # batches of 32, LoRA merged vs batches of 8, unmerged
+    for path in ("before", "today"):
+        assert report[path]["tuned"]["loss"] != report[path]["base"]["loss"]  # the adapters matter
+        assert report[path]["base"]["generated_tokens"] == 2 * 4  # a random model never stops early
+
+
+def test_bench_eval_rejects_a_budget_of_zero():
+    from tinyllama_ft.bench import main
+    from tinyllama_ft.errors import UserError
+
+    with pytest.raises(UserError, match="--max_new_tokens must be >= 1"):
+        main(["--preset", "cpu", "--eval", "--max_new_tokens", "0"])

@@ -22,7 +22,9 @@ commands:
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N]
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
-  bench     --preset cpu|gpu [--out F.json]       seed configuration vs default, side by side
+  bench     --preset cpu|gpu [--eval] [--repeat N] [--out F.json]
+                                                  seed configuration vs default, side by side (--eval:
+                                                  evaluation, the code before vs today's)
 
 `python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks."""
 
