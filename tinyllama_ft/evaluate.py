@@ -29,7 +29,7 @@ def evaluate_loss(model, examples: list[dict], pad_token_id: int, batch_size: in
 
     With `eos_token_id`, also `eos_logprob`: the mean natural-log probability of the labelled tokens
     that are the EOS (the one closing each assistant response), teacher-forced, from the same forward
-    pass, and `eos_tokens`, how many there were (None where there are none).
+    pass (None where no EOS is labelled), and `eos_tokens`, how many there were.
 
     `labelled_only` (default): the decoder runs on every position, the LM head only on the positions
     whose next token is labelled (`score_labelled`); `False`: the full logits at every position, as
@@ -53,11 +53,12 @@ def evaluate_loss(model, examples: list[dict], pad_token_id: int, batch_size: in
             nll, rows, targets = score_labelled(model, batch, labels, split)
             nll, row_group = nll.double(), torch.tensor([names.index(groups[i]) for i in chunk], device=device)
             is_eos = (targets == eos_token_id).double() if eos_token_id is not None else torch.zeros_like(nll)
-            for column, values in enumerate((nll, torch.ones_like(nll), None, -nll * is_eos, is_eos)):
-                if values is None:  # rows, not tokens
-                    totals[:, column].index_add_(0, row_group, torch.ones_like(row_group, dtype=torch.float64))
-                else:
-                    totals[:, column].index_add_(0, row_group[rows], values)
+            token_group = row_group[rows]
+            totals[:, 0].index_add_(0, token_group, nll)
+            totals[:, 1].index_add_(0, token_group, torch.ones_like(nll))
+            totals[:, 2].index_add_(0, row_group, torch.ones_like(row_group, dtype=torch.float64))
+            totals[:, 3].index_add_(0, token_group, -nll * is_eos)
+            totals[:, 4].index_add_(0, token_group, is_eos)
     if state.num_processes > 1:
         totals = reduce(totals, reduction="sum")
     with_eos = eos_token_id is not None
@@ -114,10 +115,14 @@ _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier",
 
 def is_sharded(model) -> bool:
     """True when parameters are split across processes: FSDP2 DTensors, FSDP1 wrappers, DeepSpeed ZeRO-3."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
-
-    return (any(isinstance(p, DTensor) or hasattr(p, "ds_numel") for p in model.parameters())
+    if any(hasattr(p, "ds_numel") for p in model.parameters()):
+        return True
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support shards nothing
+        return False
+    return (any(isinstance(p, DTensor) for p in model.parameters())
             or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()))
 
 
