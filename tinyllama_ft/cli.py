@@ -28,7 +28,9 @@ commands:
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
             [--format gguf [--quantization f16|q8_0]]  or one .gguf + Ollama Modelfile
-  bench     --preset cpu|gpu [--out F.json]       seed configuration vs default, side by side
+  bench     --preset cpu|gpu [--eval] [--repeat N] [--out F.json]
+                                                  seed configuration vs default, side by side (--eval:
+                                                  evaluation, the code before vs today's)
 
 `python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks."""
 

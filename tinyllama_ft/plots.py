@@ -323,7 +323,8 @@ def format_metrics(metrics: dict, digits: int = 4) -> Rendered:
     return _table(["metric", "value"], rows)
 
 
-COMPARED = (("eval_loss", "loss"), ("eval_perplexity", "perplexity"), ("rougeL", "ROUGE-L"), ("eos_rate", "EOS rate"))
+COMPARED = (("eval_loss", "loss"), ("eval_perplexity", "perplexity"), ("rougeL", "ROUGE-L"), ("eos_rate", "EOS rate"),
+            ("eos_logprob", "EOS log-prob"))
 
 
 def comparison_rows(metrics: dict) -> list[dict]:
@@ -346,9 +347,10 @@ def comparison_rows(metrics: dict) -> list[dict]:
 
 
 def format_comparison_table(metrics: dict, save_to=None) -> Rendered:
-    """Base vs fine-tuned loss, perplexity, ROUGE-L and EOS rate, overall and per category.
+    """Base vs fine-tuned loss, perplexity, ROUGE-L, EOS rate and EOS log-probability, overall and per category.
 
-    `metrics` is `summarize(...)`'s dict. Loss and perplexity come from the validation rows, ROUGE-L and EOS
+    `metrics` is `summarize(...)`'s dict. Loss, perplexity and EOS log-prob (the mean log-probability of
+    the EOS that closes each response, teacher-forced) come from the validation rows, ROUGE-L and EOS
     rate from greedy generations on the test rows; `rows` is validation/generated rows."""
     header = ["scope", "rows val/gen"] + [f"{label} {side}" for _, label in COMPARED for side in ("base", "tuned")]
     body = [[row["scope"], row["rows"]] + [_number(row[(key, side)], 3 if key != "eval_perplexity" else 1)
@@ -360,11 +362,11 @@ def format_comparison_table(metrics: dict, save_to=None) -> Rendered:
 
 
 def plot_comparison(metrics: dict, save_to=None):
-    """Bars of base vs fine-tuned: the four metrics overall (top), then per category (bottom)."""
+    """Bars of base vs fine-tuned: the compared metrics overall (top), then per category (bottom)."""
     rows = comparison_rows(metrics)
     overall, per_category = rows[0], rows[1:]
-    fig = plt.figure(figsize=(15, 9 if per_category else 3.8))
-    grid = fig.add_gridspec(2 if per_category else 1, 4, height_ratios=[1, 1.9] if per_category else [1])
+    fig = plt.figure(figsize=(18, 9 if per_category else 3.8))
+    grid = fig.add_gridspec(2 if per_category else 1, len(COMPARED), height_ratios=[1, 1.9] if per_category else [1])
     for column, (key, label) in enumerate(COMPARED):
         ax = fig.add_subplot(grid[0, column])
         values = [overall[(key, "base")], overall[(key, "tuned")]]
@@ -395,10 +397,49 @@ def plot_comparison(metrics: dict, save_to=None):
             ax.grid(axis="x", alpha=0.3)
             if key == "eos_rate":
                 ax.set_xlim(0, 1.05)
-    fig.suptitle("Base vs fine-tuned (loss: validation rows; ROUGE-L, EOS rate: greedy generations on test rows)")
+    fig.suptitle("Base vs fine-tuned (loss, EOS log-prob: validation rows, teacher-forced; "
+                 "ROUGE-L, EOS rate: greedy generations on test rows)")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.legend(handles=[Patch(color=BASE_COLOR, label="base (adapters off)"),
                         Patch(color=TUNED_COLOR, label="fine-tuned")], loc="lower center", ncol=2, frameon=False)
+    return _finish(fig, save_to)
+
+
+# --- where the time went ------------------------------------------------------------------------
+
+def _stages(timings) -> tuple[dict[str, float], float]:
+    """(stage -> seconds, total) from a `Timings` or its `as_dict()` (e.g. metrics["timings"])."""
+    timings = dict(timings.as_dict() if hasattr(timings, "as_dict") else timings)
+    total = timings.pop("total", None)
+    return timings, sum(timings.values()) if total is None else total
+
+
+def format_timings(timings, save_to=None) -> Rendered:
+    """Seconds and share of the total per stage, then what ran outside the stages and the total."""
+    stages, total = _stages(timings)
+    rows = [(stage, f"{seconds:,.1f}", f"{seconds / total:.0%}" if total else "-") for stage, seconds in stages.items()]
+    rows.append(("(outside the stages)", f"{total - sum(stages.values()):,.1f}", ""))
+    rows.append(("total (wall time)", f"{total:,.1f}", "100%"))
+    table = _table(["stage", "seconds", "share"], rows)
+    _save_text(table.markdown, save_to)
+    return table
+
+
+def plot_timings(timings, save_to=None):
+    """One horizontal bar per stage, in the order the stages ran, labelled with seconds and share."""
+    stages, total = _stages(timings)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(stages) + 1.4))
+    names = list(stages)
+    bars = ax.barh(names, [stages[n] for n in names],
+                   color=[TUNED_COLOR if n == "train" else EOS_COLOR if n.startswith("evaluate") else BASE_COLOR
+                          for n in names])
+    for bar, name in zip(bars, names):
+        ax.annotate(f" {stages[name]:,.1f} s ({stages[name] / total:.0%})" if total else "",
+                    (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (wall clock)")
+    ax.set_title(f"Where the run's time went: {total:,.1f} s in all")
+    ax.set_xlim(0, max(stages.values(), default=1) * 1.3 or 1)
     return _finish(fig, save_to)
 
 

@@ -27,8 +27,9 @@ from .config import Config, compute_dtype
 from .data import (category_counts, check_system_prompt, encode_rows, exclusion_counts, length_stats,
                    load_rows, split_rows, stratified_sample, to_conversations)
 from .errors import UserError
-from .evaluate import evaluate_loss, generate, score_generations
+from .evaluate import GENERATION_BATCH_SIZE, evaluate_loss, generate, score_generations
 from .modeling import check_target_modules, count_parameters, load_model, load_tokenizer, wrap_lora
+from .timings import Timings, write_timings
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,10 @@ class Trainer(SFTTrainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         start = time.perf_counter()
         loss = evaluate_loss(self.model, dataset.select_columns(["input_ids", "labels"]).to_list(),
-                             self.processing_class.pad_token_id, self.args.per_device_eval_batch_size)
+                             self.processing_class.pad_token_id, self.args.per_device_eval_batch_size,
+                             eos_token_id=self.processing_class.eos_token_id)
         metrics = {f"{metric_key_prefix}_loss": loss["loss"], f"{metric_key_prefix}_perplexity": loss["perplexity"],
+                   f"{metric_key_prefix}_eos_logprob": loss["eos_logprob"],
                    f"{metric_key_prefix}_runtime": time.perf_counter() - start}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -220,17 +223,19 @@ def evaluate_model(config: Config, model, tokenizer, data: Data) -> dict:
     if data.split["validation"]:
         categories = [data.rows[i].get("category", "") for i in data.split["validation"]]
         loss = evaluate_loss(model, data.examples("validation"), tokenizer.pad_token_id,
-                             config.per_device_eval_batch_size, groups=categories)
-        metrics |= {"eval_loss": loss["loss"], "eval_perplexity": loss["perplexity"], "eval_tokens": loss["tokens"]}
+                             config.per_device_eval_batch_size, groups=categories, eos_token_id=tokenizer.eos_token_id)
+        metrics |= {"eval_loss": loss["loss"], "eval_perplexity": loss["perplexity"], "eval_tokens": loss["tokens"],
+                    "eos_logprob": loss["eos_logprob"]}
         for category, group in loss.get("per_group", {}).items():
             per_category[category] = {"eval_loss": group["loss"], "eval_perplexity": group["perplexity"],
-                                      "eval_tokens": group["tokens"], "eval_rows": group["rows"]}
+                                      "eval_tokens": group["tokens"], "eval_rows": group["rows"],
+                                      "eos_logprob": group["eos_logprob"]}
     if data.generate_rows:
         # The last assistant turn, given the turns before it (the system prompt included), against its reference.
         conversations = [data.conversations[i] for i in data.generate_rows]
         predictions = generate(model, tokenizer, [c["messages"][:-1] for c in conversations],
                                max_new_tokens=config.max_new_tokens,
-                               batch_size=max(config.per_device_eval_batch_size, 8))
+                               batch_size=max(config.per_device_eval_batch_size, GENERATION_BATCH_SIZE))
         scores = score_generations(predictions, [c["messages"][-1]["content"] for c in conversations],
                                    [c["category"] for c in conversations])
         for category, group in scores.pop("per_category", {}).items():
@@ -270,24 +275,34 @@ def fit(trainer: SFTTrainer) -> dict:
 
 
 def train(config: Config) -> dict:
-    """The whole run; writes `config.output_dir` and returns its metrics."""
+    """The whole run; writes `config.output_dir` and returns its metrics (with `timings`: seconds per stage)."""
+    timings = Timings()
     check_output_dir(config)
     log.info("configuration:\n%s", config.to_json())
     set_seed(config.seed)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    data = prepare_data(config, tokenizer)
-    check_target_modules(config.model_name_or_path, config.lora_target_modules, config.trust_remote_code)
-    log.info("data: %s", data.stats(config.max_length))
-    model = setup_model(config, tokenizer)
-    trainer = build_trainer(config, model, tokenizer, data)
-    base = evaluate_base(config, model, tokenizer, data)
-    train_metrics = fit(trainer)
-    tuned = evaluate_model(config, model, tokenizer, data)
-    metrics = summarize(base, tuned, train_metrics, model, data, config)
-    save_run(config, model, tokenizer, metrics, data.split, trainer.state.log_history,
-             generations={"base": base.get("generations", []), "tuned": tuned.get("generations", [])},
-             trainer=trainer)
+    with timings("prepare_data"):
+        tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+        data = prepare_data(config, tokenizer)
+        check_target_modules(config.model_name_or_path, config.lora_target_modules, config.trust_remote_code)
+        log.info("data: %s", data.stats(config.max_length))
+    with timings("load_model"):
+        model = setup_model(config, tokenizer)
+        trainer = build_trainer(config, model, tokenizer, data)
+    with timings("evaluate_base"):
+        base = evaluate_base(config, model, tokenizer, data)
+    with timings("train"):
+        train_metrics = fit(trainer)
+    with timings("evaluate_tuned"):
+        tuned = evaluate_model(config, model, tokenizer, data)
+    with timings("save"):
+        metrics = summarize(base, tuned, train_metrics, model, data, config) | {"timings": timings.as_dict()}
+        save_run(config, model, tokenizer, metrics, data.split, trainer.state.log_history,
+                 generations={"base": base.get("generations", []), "tuned": tuned.get("generations", [])},
+                 trainer=trainer)
+    if trainer.is_world_process_zero():  # metrics.json gets the final timings, saving included
+        metrics["timings"] = write_timings(config.output_dir, timings)
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+    log.info("timings (s): %s", timings.summary())
     return metrics
 
 
