@@ -11,6 +11,7 @@ from accelerate.utils import gather_object, reduce
 from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, encode_prompt, to_example
+from .errors import UserError
 
 
 @torch.no_grad()
@@ -79,6 +80,10 @@ def generate(model, tokenizer, instructions: list[str] | str, contexts: list[str
     single = isinstance(instructions, str)
     instructions = [instructions] if single else list(instructions)
     contexts = [contexts or ""] * len(instructions) if contexts is None or isinstance(contexts, str) else contexts
+    if any(not isinstance(i, str) or not i.strip() for i in instructions):
+        raise UserError("an instruction is empty: pass the text to respond to")
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     prompts = [encode_prompt(tokenizer, to_example({"instruction": i, "context": c, "response": "-"})["prompt"])
                for i, c in zip(instructions, contexts)]
     model.eval()

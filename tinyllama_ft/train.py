@@ -23,7 +23,7 @@ import trl.trainer.utils as trl_utils
 from trl import SFTTrainer
 
 from .artifacts import check_output_dir, resume_path, save_run
-from .config import Config, compute_dtype
+from .config import Config, check_model_fits, compute_dtype
 from .data import category_counts, encode_rows, length_stats, load_rows, split_rows, stratified_sample
 from .errors import UserError
 from .evaluate import evaluate_loss, generate, score_generations
@@ -251,11 +251,12 @@ def fit(trainer: SFTTrainer) -> dict:
 def train(config: Config) -> dict:
     """The whole run; writes `config.output_dir` and returns its metrics."""
     check_output_dir(config)
-    log.info("configuration:\n%s", config.to_json())
+    check_target_modules(config.model_name_or_path, config.lora_target_modules, config.trust_remote_code)
+    check_model_fits(config)
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     data = prepare_data(config, tokenizer)
-    check_target_modules(config.model_name_or_path, config.lora_target_modules, config.trust_remote_code)
+    log.info("configuration:\n%s", config.to_json())  # only once known good: bad input shows just its error
     log.info("data: %s", data.stats(config.max_length))
     model = setup_model(config, tokenizer)
     trainer = build_trainer(config, model, tokenizer, data)
