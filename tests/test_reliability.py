@@ -5,6 +5,7 @@ messages contradict each other.
 Each interrupted run is stopped at a known point: `pause_probe.py` runs the real command line and
 waits at that point for the signal, so no test races a fast run."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def test_a_stopped_run_finishes_with_the_same_adapter(stage, signum, resumable, 
     out = tmp_path / "run"
     err = stop_at(stage, signum, out, tmp_path)
     if signum != signal.SIGKILL:
-        hints = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("interrupted: ")]
+        hints = re.findall(r"interrupted: [^\r\n]*", err)  # after a progress bar, maybe on its line
         assert len(hints) == 1, err[-2000:]
         hint = hints[0]
         assert ("--resume_from_checkpoint true" in hint) == resumable, hint
