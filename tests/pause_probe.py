@@ -11,6 +11,7 @@ has no pause hook."""
 
 import importlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from trl import SFTTrainer
 from tinyllama_ft import artifacts
 from tinyllama_ft.cli import main
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started in a background job
 pipeline = importlib.import_module("tinyllama_ft.train")
 stage, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 

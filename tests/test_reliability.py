@@ -37,13 +37,18 @@ def stop_at(stage, signum, out, tmp_path):
     cmd = [sys.executable, str(ROOT / "tests" / "pause_probe.py"), stage, str(marker), "train", *RUN,
            "--output_dir", str(out)]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert process.poll() is None, f"run ended before reaching {stage}: {process.stderr.read()[-2000:]}"
-        assert time.time() < deadline, f"run did not reach {stage} in 300 s"
-        time.sleep(0.05)
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert process.poll() is None, f"run ended before reaching {stage}: {process.stderr.read()[-2000:]}"
+            assert time.time() < deadline, f"run did not reach {stage} in 300 s"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # never leave a paused run behind
+            process.kill()
+            process.wait()
     assert process.returncode != 0 and not (out / "metrics.json").exists()
     return err
 
