@@ -23,6 +23,8 @@ def cli(*args, check=True):
 
 
 def test_config_prints_the_resolved_seed_configuration():
+    """Every value that decides what is learned is the seed's; checkpoint cadence is operational: a
+    checkpoint every tenth of the run (the seed's 500 steps never came in its 313-step run), two kept."""
     config = json.loads(cli("config").stdout)
     expected = dict(model_name_or_path="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
                     dataset_name="databricks/databricks-dolly-15k", train_size=5000, eval_size=500, test_size=500,
@@ -30,8 +32,10 @@ def test_config_prints_the_resolved_seed_configuration():
                     lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], per_device_train_batch_size=2,
                     gradient_accumulation_steps=8, learning_rate=2e-4, num_train_epochs=1.0,
                     lr_scheduler_type="cosine", warmup_steps=0.03, gradient_checkpointing=True,
-                    logging_steps=50, save_steps=500, num_generate=200, precision="fp32")
+                    logging_steps=50, eval_steps=100, seed=42, num_generate=200, precision="fp32",
+                    save_steps=0.1, save_total_limit=2)
     assert {k: config[k] for k in expected} == expected
+    assert json.loads(cli("config", "--save_steps", 500).stdout)["save_steps"] == 500  # the seed's, one flag away
 
 
 def test_config_help_lists_every_field():
@@ -94,7 +98,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     (["train", "--preset", "smoke", "--dataset_name", "missing.jsonl"], "does not exist"),
     (["train", "--preset", "smoke", "--train_size", "100"], "has only 48 rows"),
     (["train", "--preset", "smoke", "--lora_target_modules", "c_attn"], "no module named c_attn"),
-    (["generate", "--adapter", "nowhere", "--instruction", "hi"], "no adapter_config.json"),
+    (["generate", "--adapter", "nowhere", "--instruction", "hi"], "--adapter nowhere does not exist"),
     (["frobnicate"], "unknown command"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):

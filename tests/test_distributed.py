@@ -15,12 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_processes_train_disjoint_rows_and_write_one_complete_run(tmp_path):
+    """Without CUDA and without --use_cpu (what a user types): the processes form one CPU run (gloo)."""
     out = tmp_path / "ddp"
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "tests" / "ddp_probe.py"),
-           "--preset", "smoke", "--output_dir", str(out), "--use_cpu", "true", "--max_steps", "4",
+           "--preset", "smoke", "--output_dir", str(out), "--max_steps", "4",
            "--gradient_accumulation_steps", "1", "--num_train_epochs", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 

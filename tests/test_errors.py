@@ -3,10 +3,14 @@ the fix, exit code 2, no traceback, nothing written, and caught before any model
 
 import importlib
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
-from tinyllama_ft import parse_config, train
+from conftest import ROOT
+from tinyllama_ft import export_merged, generate, load_for_inference, load_rows, parse_config, train
 from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
@@ -49,7 +53,36 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--model_name_or_path", "{tmp}/no_weights"], "no .safetensors weights"),
     (["--model_name_or_path", "{tmp}/no_tokenizer"], "no tokenizer files"),
     (["--dataset_name", "{tmp}/special.jsonl"], "special string '</s>'"),
-    (["--resume_from_checkpoint", "true"], "no checkpoint to resume from"),
+    # --- second round: configuration files and values that contradict each other or the model ---
+    (["--config", "{tmp}/broken.yaml"], "broken.yaml is not valid YAML (line 2, column 6"),
+    (["--config", "{tmp}/list.yaml"], "holds a YAML list, not a mapping"),
+    (["--config", "{tmp}/nowhere.yaml"], "nowhere.yaml: No such file or directory"),
+    (["--save_steps", "0"], "save_steps must be > 0"),
+    (["--eval_steps", "-5"], "eval_steps must be > 0"),
+    (["--logging_steps", "-1"], "logging_steps must be > 0"),
+    (["--max_steps", "0"], "max_steps must be > 0, or -1"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs must be > 0"),
+    (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be > 0"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be > 0"),
+    (["--lora_dropout", "1"], "lora_dropout must be in [0, 1)"),
+    (["--lora_r", "2", "--lora_alpha", "4096"], "lora_alpha 4096 is over 64 x lora_r 2"),
+    (["--lora_r", "64"], "lora_r 64 is larger than k_proj's smallest dimension 32"),
+    (["--max_length", "4096"], "max_length 4096 is beyond the model's 1024 positions"),
+    (["--eval_size", "0", "--eval_steps", "3"], "eval_steps is set but eval_size is 0"),
+    (["--test_size", "0"], "num_generate (8) is larger than test_size (0)"),
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--lr_scheduler_type", "bogus"], "bogus is not a valid SchedulerType"),
+    (["--lora_target_modules"], "expected at least one argument"),
+    (["--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"], "contradict each other"),
+    # --- files that are not what their name says, and the wrong kind of folder ---
+    (["--dataset_name", "{tmp}/empty_folder"], "is a folder without .json, .jsonl, .parquet"),
+    (["--dataset_name", "{tmp}/text.parquet"], "is not a Parquet file"),
+    (["--dataset_name", "{tmp}/object.json"], "holds one JSON object, not rows"),
+    (["--dataset_name", "{tmp}/latin1.jsonl"], "is not UTF-8 text"),
+    (["--output_dir", "{tmp}/a_file.txt"], "is a file, not a folder"),
+    (["--output_dir", "{tmp}/no_tokenizer"], "holds a model (config.json and model weights), not a run"),
+    (["--resume_from_checkpoint", "{tmp}"], "is not a checkpoint (no trainer_state.json)"),
+    (["--resume_from_checkpoint", "{tmp}/nowhere"], "does not exist: pass a checkpoint-N folder"),
 ]
 
 
@@ -59,6 +92,15 @@ def tmp(tmp_path_factory):
     for name, rows in DATASETS.items():
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "rows.csv").write_text("instruction,context,response\n")
+    (folder / "broken.yaml").write_text("lora_r: 8\n  bad: [\n")
+    (folder / "list.yaml").write_text("- lora_r: 8\n")
+    (folder / "a_file.txt").write_text("not a folder\n")
+    (folder / "empty_folder").mkdir()
+    (folder / "text.parquet").write_text("".join(json.dumps(GOOD) + "\n" for _ in range(50)))
+    (folder / "object.json").write_text(json.dumps({"rows": [GOOD] * 50}, indent=2))
+    (folder / "latin1.jsonl").write_bytes("".join(json.dumps(dict(GOOD, response="Caf\u00e9."), ensure_ascii=False)
+                                                  + "\n" for _ in range(50)).encode("latin-1"))
+    (folder / "run").mkdir()
     (folder / "broken.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{'single': quotes}\n")
     (folder / "special.jsonl").write_text("".join(json.dumps(dict(GOOD, response="Done.</s>")) + "\n"
                                                   for _ in range(50)))
@@ -87,8 +129,86 @@ def test_python_api(flags, message, tmp, monkeypatch):
         raise AssertionError("the error should be caught before the model loads")
 
     monkeypatch.setattr(pipeline, "load_model", no_model_loading)
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("'", ".")):
+    with pytest.raises(UserError, match=re.escape(message.format(tmp=tmp))):
         train(parse_config(_flags(flags, tmp)))
+
+
+# Other commands: (arguments of `python -m tinyllama_ft`, the same through the Python API, the message).
+OTHER_CASES = [
+    (["generate", "--adapter", "{tmp}/a_file.txt", "--instruction", "Hi."],
+     lambda tmp: load_for_inference(f"{tmp}/a_file.txt"), "is a file: pass the run folder"),
+    (["generate", "--adapter", "{tmp}/no_tokenizer", "--instruction", "Hi."],
+     lambda tmp: load_for_inference(f"{tmp}/no_tokenizer"), "holds a full (merged) model, not a LoRA adapter"),
+    (["generate", "--adapter", "{tmp}/nowhere", "--instruction", "Hi."],
+     lambda tmp: load_for_inference(f"{tmp}/nowhere"), "does not exist: pass the output folder"),
+    (["generate", "--adapter", "{tmp}/run", "--instruction", "  "],
+     lambda tmp: generate(build_tiny_model(), build_tiny_tokenizer(), "  "), "instruction is empty"),
+    (["generate", "--adapter", "{tmp}/run", "--instruction", "Hi.", "--max_new_tokens", "0"],
+     lambda tmp: generate(build_tiny_model(), build_tiny_tokenizer(), "Hi.", max_new_tokens=0),
+     "max_new_tokens must be > 0"),
+    (["export", "--adapter", "{tmp}/run", "--out", "{tmp}/run/merged"],
+     lambda tmp: export_merged(f"{tmp}/run", f"{tmp}/run/merged"), "is inside the run folder"),
+    (["export", "--adapter", "{tmp}/run", "--out", "{tmp}/a_file.txt"],
+     lambda tmp: export_merged(f"{tmp}/run", f"{tmp}/a_file.txt"), "is an existing file"),
+    (["export", "--adapter", "{tmp}/no_tokenizer", "--out", "{tmp}/merged"],
+     lambda tmp: export_merged(f"{tmp}/no_tokenizer", f"{tmp}/merged"), "holds a full (merged) model"),
+    (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/text.parquet"],
+     lambda tmp: load_rows(f"{tmp}/text.parquet"), "is not a Parquet file"),
+    (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}", "--n", "3"],
+     lambda tmp: load_rows(str(tmp)), "is a folder"),
+]
+PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
+    (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/broken.jsonl", "--n", "0"],
+     "--n must be > 0"),
+]
+
+
+@pytest.mark.parametrize("args, api, message", OTHER_CASES, ids=[" ".join(c[0][:3]) for c in OTHER_CASES])
+def test_other_commands(args, api, message, tmp, capsys, monkeypatch):
+    artifacts = importlib.import_module("tinyllama_ft.artifacts")
+
+    def no_model_loading(*args, **kwargs):
+        raise AssertionError("the error should be caught before the model loads")
+
+    monkeypatch.setattr(artifacts, "load_model", no_model_loading)
+    assert main([a.format(tmp=tmp) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    with pytest.raises(UserError, match=re.escape(message)):
+        api(tmp)
+
+
+@pytest.mark.parametrize("args, message", PREVIEW_ONLY)
+def test_command_line_only(args, message, tmp, capsys):
+    assert main([a.format(tmp=tmp) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+SHELL = ("row 0 has no column", "not valid YAML", "save_steps must be", "no module named", "beyond the model",
+         "is a folder", "is a file, not a folder")
+
+
+@pytest.mark.parametrize("flags, message", [c for c in CASES if any(s in c[1] for s in SHELL)])
+def test_the_shell_sees_only_the_error_line(flags, message, tmp):
+    """Through the real command line: no configuration dump, no warning, no traceback before it."""
+    result = subprocess.run([sys.executable, "-m", "tinyllama_ft", "train", *_flags(flags, tmp)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr, result.stderr
+
+
+def test_windows_files_and_json_lines_named_json_are_read(tmp_path):
+    """A UTF-8 BOM and CRLF line endings (what Windows editors write), JSON lines in a .json file, a
+    JSON array in a .jsonl file: each is simply read."""
+    rows = [GOOD, dict(GOOD, context="Fruit grows on trees.")]
+    lines = "\r\n".join(json.dumps(r) for r in rows) + "\r\n"
+    (tmp_path / "windows.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode("utf-8"))
+    (tmp_path / "windows.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).replace("\n", "\r\n").encode())
+    (tmp_path / "lines.json").write_text(lines.replace("\r\n", "\n"))
+    (tmp_path / "array.jsonl").write_text(json.dumps(rows))
+    for name in ("windows.jsonl", "windows.json", "lines.json", "array.jsonl"):
+        assert load_rows(str(tmp_path / name)) == rows, name
 
 
 def test_special_tokens_at_inference_are_rejected():

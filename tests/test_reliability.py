@@ -1,5 +1,11 @@
-"""Interrupted runs resume to the same adapter; checkpoints and run folders are never half-trusted."""
+"""A run stopped at any point ends in a state from which the next command finishes it with the same
+adapter as an uninterrupted run; checkpoints and run folders are never half-trusted; no two
+messages contradict each other.
 
+Each interrupted run is stopped at a known point: `pause_probe.py` runs the real command line and
+waits at that point for the signal, so no test races a fast run."""
+
+import re
 import signal
 import subprocess
 import sys
@@ -10,19 +16,41 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from tinyllama_ft import parse_config
+from tinyllama_ft.artifacts import check_output_dir, resume_path
+from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
-from tinyllama_ft.artifacts import resume_path
 
-RUN = ["--preset", "smoke", "--max_steps", "12", "--save_steps", "3", "--eval_steps", "100", "--num_generate", "0"]
+RUN = ["--preset", "smoke", "--max_steps", "8", "--save_steps", "2", "--eval_steps", "100", "--num_generate", "0"]
+RESUME = ["--resume_from_checkpoint", "true"]
 
 
-def train(out, *extra, wait=True):
+def train(out, *extra):
     cmd = [sys.executable, "-m", "tinyllama_ft", "train", *RUN, "--output_dir", str(out), *extra]
+    result = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stderr
+
+
+def stop_at(stage, signum, out, tmp_path):
+    """Start the run, wait until it is paused at `stage`, send `signum`; return its stderr."""
+    marker = tmp_path / "paused"
+    cmd = [sys.executable, str(ROOT / "tests" / "pause_probe.py"), stage, str(marker), "train", *RUN,
+           "--output_dir", str(out)]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if wait:
-        _, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err[-2000:]
-    return process
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert process.poll() is None, f"run ended before reaching {stage}: {process.stderr.read()[-2000:]}"
+            assert time.time() < deadline, f"run did not reach {stage} in 300 s"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # never leave a paused run behind
+            process.kill()
+            process.wait()
+    assert process.returncode != 0 and not (out / "metrics.json").exists()
+    return err
 
 
 def adapter(out):
@@ -36,24 +64,41 @@ def reference(tmp_path_factory):
     return adapter(out)
 
 
+# (stage, signal, a complete checkpoint exists afterwards). Checkpoints every 2 of 8 steps.
+STOPS = [
+    ("base-evaluation", signal.SIGTERM, False),
+    ("step-1", signal.SIGINT, False),  # before the first checkpoint
+    ("saving-checkpoint-2", signal.SIGKILL, False),  # while the first one is written: .tmp-checkpoint-2 left
+    ("checkpoint-4", signal.SIGINT, True),  # between checkpoints, for each way a run is stopped
+    ("checkpoint-4", signal.SIGTERM, True),
+    ("checkpoint-4", signal.SIGKILL, True),
+    ("saving-checkpoint-6", signal.SIGKILL, True),  # while a later one is written
+    ("final-evaluation", signal.SIGINT, True),
+    ("final-save", signal.SIGKILL, True),  # .tmp-final left, 3 final files already moved in
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "term", "kill"])
-def test_interrupted_run_resumes_to_the_same_adapter(signum, reference, tmp_path):
+@pytest.mark.parametrize("stage, signum, resumable", STOPS,
+                         ids=[f"{s}-{signal.Signals(n).name.lower()}" for s, n, _ in STOPS])
+def test_a_stopped_run_finishes_with_the_same_adapter(stage, signum, resumable, reference, tmp_path, capsys):
     out = tmp_path / "run"
-    process = train(out, wait=False)
-    deadline = time.time() + 300
-    while not (out / "checkpoint-6").is_dir():
-        assert process.poll() is None and time.time() < deadline, "run ended before its 2nd checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode != 0 and not (out / "metrics.json").exists()
+    err = stop_at(stage, signum, out, tmp_path)
     if signum != signal.SIGKILL:
-        assert "--resume_from_checkpoint true" in err
-    refused = subprocess.run([sys.executable, "-m", "tinyllama_ft", "train", *RUN, "--output_dir", str(out)],
-                             cwd=ROOT, capture_output=True, text=True)
-    assert refused.returncode == 2 and "unfinished run" in refused.stderr
-    train(out, "--resume_from_checkpoint", "true")
+        hints = re.findall(r"interrupted: [^\r\n]*", err)  # after a progress bar, maybe on its line
+        assert len(hints) == 1, err[-2000:]
+        hint = hints[0]
+        assert ("--resume_from_checkpoint true" in hint) == resumable, hint
+        assert ("run the same command again" in hint) == (not resumable), hint
+    if resumable:  # the same command says what to add, and with it the run finishes
+        assert main(["train", *RUN, "--output_dir", str(out)]) == 2
+        assert "unfinished run: pass --resume_from_checkpoint true" in capsys.readouterr().err
+        train(out, *RESUME)
+    elif stage == "base-evaluation":  # nothing to lose; asking to resume just starts, and says so
+        assert "no checkpoint in" in train(out, *RESUME)
+    else:  # nothing to lose: the same command simply runs again
+        train(out)
+    assert not list(out.glob(".tmp-*")), "staging leftovers are removed"
     resumed = adapter(out)
     assert resumed.keys() == reference.keys()
     for name in reference:
@@ -62,12 +107,39 @@ def test_interrupted_run_resumes_to_the_same_adapter(signum, reference, tmp_path
 
 def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
     (tmp_path / ".tmp-checkpoint-6").mkdir()  # what a crash during the save of step 6 leaves
-    config = parse_config(RUN + ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"])
+    config = parse_config(RUN + ["--output_dir", str(tmp_path), *RESUME])
     assert resume_path(config) == str(tmp_path / "checkpoint-3")
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    config = parse_config(RUN + ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"])
-    with pytest.raises(UserError, match="no checkpoint to resume from"):
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, caplog):
+    config = parse_config(RUN + ["--output_dir", str(tmp_path / "new"), *RESUME])
+    assert resume_path(config) is None
+    with caplog.at_level("INFO"):
+        check_output_dir(config)
+    assert "no checkpoint in" in caplog.text and "starting from the beginning" in caplog.text
+
+
+def test_a_folder_with_nothing_to_lose_is_used_as_it_is(tmp_path):
+    """A notebook's plots (written before training) and staging leftovers are not a run."""
+    for name in ("categories.png", "lengths.png", "loss_mask.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG")
+    (tmp_path / ".tmp-checkpoint-2" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / ".tmp-final").mkdir()
+    check_output_dir(parse_config(RUN + ["--output_dir", str(tmp_path)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["categories.png", "lengths.png", "loss_mask.png"]
+
+
+def test_overwrite_removes_the_old_runs_checkpoints_first(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (tmp_path / "metrics.json").write_text("{}")
+    check_output_dir(parse_config(RUN + ["--output_dir", str(tmp_path), "--overwrite_output_dir", "true"]))
+    assert not (tmp_path / "checkpoint-3").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    config = parse_config(RUN + ["--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(tmp_path)])
+    with pytest.raises(UserError, match="is not a checkpoint"):
         resume_path(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,38 +18,102 @@ from .card import read_run, write_card
 from .errors import UserError
 from .modeling import load_model, load_tokenizer
 
+log = logging.getLogger(__name__)
+
 FINAL_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json")
 
 
 def check_output_dir(config) -> None:
-    """Refuse to overwrite a finished run unless asked to, or a half-written one unless resuming."""
+    """Decide, before anything loads, what `config.output_dir` holds and whether this run may use it.
+
+    * nothing, or nothing to lose (no complete checkpoint: a run stopped before its first one, a
+      notebook's plots, staging leftovers): start; leftovers of a stopped save are removed;
+    * a finished run (`metrics.json`): refuse, unless `--overwrite_output_dir true`;
+    * complete checkpoints of an unfinished run: refuse, unless `--resume_from_checkpoint true`
+      (continue) or `--overwrite_output_dir true` (start over: the old checkpoints are removed)."""
     path = Path(config.output_dir)
-    if not path.exists() or not any(path.iterdir()):
-        resume_path(config)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output_dir {path} is a file, not a folder: pass a folder path (it is created)")
+    resume = resume_path(config)  # an explicit checkpoint that is not one fails now, not after the model loads
+    if not path.is_dir():
+        _log_fresh_start(config, path)
         return
-    resuming = resume_path(config) is not None  # also fails now, not after the model loads, if there is none
+    if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+        raise UserError(f"--output_dir {path} holds a model (config.json and model weights), not a run: pass "
+                        "another --output_dir")
     if (path / "metrics.json").exists() and not config.overwrite_output_dir:
         raise UserError(f"{path} already holds a finished run: pass --overwrite_output_dir true or another "
                         "--output_dir")
-    if not resuming and not config.overwrite_output_dir:
+    if config.overwrite_output_dir:
+        remove_run_state(path)
+    elif resume is None and get_last_checkpoint(str(path)) is not None:
         raise UserError(f"{path} holds checkpoints of an unfinished run: pass --resume_from_checkpoint true to "
                         "continue it, or --overwrite_output_dir true to start over")
+    remove_staging(path)
+    if resume is None:
+        _log_fresh_start(config, path)
+
+
+def _log_fresh_start(config, path: Path) -> None:
+    if _wants_resume(config.resume_from_checkpoint) and str(config.resume_from_checkpoint).lower() in TRUE:
+        log.info("no checkpoint in %s yet: starting from the beginning", path)
+
+
+def remove_staging(path: Path) -> None:
+    """Remove what a stopped save leaves (`.tmp-checkpoint-N`, `.tmp-final`): never part of a run.
+    Only the main process removes, so that no process deletes what another is writing."""
+    if not _main_process():
+        return
+    for leftover in path.glob(".tmp-*"):
+        log.info("removing %s, left by a save that did not finish", leftover)
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def remove_run_state(path: Path) -> None:
+    """`--overwrite_output_dir true`: the old run's `metrics.json` and checkpoints go first, so the
+    folder never looks finished, nor resumable, with another run's state."""
+    if not _main_process():
+        return
+    (path / "metrics.json").unlink(missing_ok=True)
+    for checkpoint in path.glob("checkpoint-*"):
+        if checkpoint.is_dir():
+            shutil.rmtree(checkpoint)
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+TRUE = ("true", "yes", "1")
+
+
+def _wants_resume(value) -> bool:
+    return value is not None and str(value).lower() not in ("false", "no", "0", "", "none")
 
 
 def resume_path(args) -> str | None:
-    """`--resume_from_checkpoint true` means the newest complete checkpoint in `output_dir`."""
+    """`--resume_from_checkpoint true` means the newest complete checkpoint in `output_dir`, or None
+    (start from the beginning) when there is none yet; a path must be a checkpoint folder."""
     value = args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "no", "0", ""):
+    if not _wants_resume(value):
         return None
-    if str(value).lower() not in ("true", "yes", "1"):
-        if not Path(value).is_dir():
+    if str(value).lower() not in TRUE:
+        path = Path(value)
+        if not path.exists():
             raise UserError(f"checkpoint {value} does not exist: pass a checkpoint-N folder or true")
+        if not (path / "trainer_state.json").is_file():
+            raise UserError(f"{value} is not a checkpoint (no trainer_state.json): pass a checkpoint-N folder "
+                            "of a run, or true for the newest one in --output_dir")
         return str(value)
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    if last is None:
-        raise UserError(f"no checkpoint to resume from in {args.output_dir}: run without "
-                        "--resume_from_checkpoint, or point --output_dir at the interrupted run")
-    return last
+    return get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+
+
+def restart_hint(config) -> str:
+    """What to type after a stop: resume where a complete checkpoint exists, else the same command."""
+    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    if last is not None:
+        return f"run the same command with --resume_from_checkpoint true to continue from {Path(last).name}"
+    return "no checkpoint was written yet: run the same command again"
 
 
 def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: list, generations: dict,
@@ -91,8 +156,7 @@ def _write_json(path: Path, data) -> None:
 def load_for_inference(adapter_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a run folder: the base model plus the saved LoRA adapter, in eval mode."""
     path = Path(adapter_dir)
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir} has no adapter_config.json: pass the output folder of a finished run")
+    check_adapter_dir(path)
     if not (path / "adapter_model.safetensors").is_file():
         raise UserError(f"{adapter_dir} has no adapter_model.safetensors (only safetensors are loaded): "
                         "re-save the adapter with safe_serialization=True")
@@ -107,12 +171,30 @@ def load_for_inference(adapter_dir: str, device: str | None = None, dtype: torch
     return model.eval(), tokenizer
 
 
+def check_adapter_dir(path: Path) -> None:
+    """A run folder (or one of its checkpoints): fail in one line for anything else."""
+    if path.is_file():
+        raise UserError(f"--adapter {path} is a file: pass the run folder that holds it")
+    if not path.is_dir():
+        raise UserError(f"--adapter {path} does not exist: pass the output folder of a finished run")
+    if not (path / "adapter_config.json").is_file():
+        if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+            raise UserError(f"{path} holds a full (merged) model, not a LoRA adapter: load it with "
+                            "AutoModelForCausalLM.from_pretrained, or pass the run folder it was exported from")
+        raise UserError(f"{path} has no adapter_config.json: pass the output folder of a finished run")
+
+
 def export_merged(adapter_dir: str, out_dir: str) -> Path:
     """Merge the adapter into the base weights (`merge_and_unload`) and save a standalone folder
     (safetensors, tokenizer with chat template, generation config with the right EOS)."""
     out = Path(out_dir)
+    if out.is_file():
+        raise UserError(f"--out {out} is an existing file: choose a new folder")
     if out.exists():
         raise UserError(f"{out} already exists: remove it or choose another folder")
+    if Path(adapter_dir).resolve() in out.resolve().parents:
+        raise UserError(f"--out {out} is inside the run folder {adapter_dir}: choose a folder outside it "
+                        "(e.g. beside it), so the run folder stays a run")
     model, tokenizer = load_for_inference(adapter_dir, device="cpu", dtype=torch.float32)
     merged = model.merge_and_unload()
     tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".merging-"))

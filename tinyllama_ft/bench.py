@@ -30,7 +30,6 @@ import copy
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -393,11 +392,17 @@ class CountingCollator:
 
 
 def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    times = os.times()  # user + system CPU time of this process, on every OS
+    return times.user + times.system
 
 
 def _peak_rss_bytes() -> int:
+    try:
+        import resource  # Unix only: imported here so that the module imports on Windows
+    except ImportError:
+        import psutil  # Windows: the peak working set
+
+        return psutil.Process().memory_info().peak_wset
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command with --resume_from_checkpoint true to continue",
-              file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(f"interrupted: {stop.args[0] if stop.args else 'run the same command again'}", file=sys.stderr)
         return 130
     finally:
         close_process_group()
@@ -94,10 +93,15 @@ def cmd_config(args: list[str]) -> None:
 
 
 def cmd_train(args: list[str]) -> None:
+    from .artifacts import restart_hint
     from .config import parse_config
     from .train import train
 
-    train(parse_config(args))
+    config = parse_config(args)
+    try:
+        train(config)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(restart_hint(config)) from None
 
 
 def cmd_preview(args: list[str]) -> None:
@@ -110,6 +114,10 @@ def cmd_preview(args: list[str]) -> None:
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--out", help="write JSON lines here instead of stdout")
     opts = _parse(parser, args)
+    if opts.n <= 0:
+        raise UserError(f"--n must be > 0, got {opts.n}: the number of rows to show")
+    if opts.max_length < 16:
+        raise UserError(f"--max_length must be an integer >= 16, got {opts.max_length}")
     from .data import (check_system_prompt, encode_rows, exclusion_counts, load_rows, parse_columns,
                        to_conversations)
     from .modeling import load_tokenizer
@@ -143,6 +151,10 @@ def cmd_generate(args: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--system_prompt", help="default: the run's own (run_config.json); \"\" for none")
     opts = _parse(parser, args)
+    if not opts.instruction.strip():
+        raise UserError("--instruction is empty: pass the text to respond to")
+    if opts.max_new_tokens <= 0:
+        raise UserError(f"--max_new_tokens must be > 0, got {opts.max_new_tokens}")
     from .artifacts import load_for_inference, saved_system_prompt
     from .evaluate import generate
 

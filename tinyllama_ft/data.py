@@ -51,6 +51,7 @@ DETECTED_BY = {"dolly": ("instruction", "context", "response"), "alpaca": ("inst
 COLUMN_NAMES = ("instruction", "context", "response", "input", "output", "category", "messages", "prompt",
                 "completion")
 ROLES = ("system", "user", "assistant")
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")  # what datasets reads from a folder
 ROLE_MARKERS = ("<|user|>", "<|assistant|>", "<|system|>")
 IGNORE_INDEX = -100
 
@@ -63,7 +64,10 @@ def load_rows(dataset_name: str, dataset_config: str | None = None, dataset_spli
     local dataset folder) with configuration `dataset_config`; columns renamed by `columns` (this
     project's name -> the file's name) and validated for `dataset_format` (see `detect_format`)."""
     path = Path(dataset_name)
-    if path.is_dir():
+    if path.is_dir():  # a dataset folder (data files, or a hub dataset's layout): datasets reads it
+        if not any(p.suffix in DATA_FILE_SUFFIXES for p in path.rglob("*") if p.is_file()):
+            raise UserError(f"dataset {path} is a folder without .json, .jsonl, .parquet, .csv or .arrow files: "
+                            "pass a .json, .jsonl or .parquet file, or a folder of them")
         rows = _read_hub(dataset_name, dataset_config, dataset_split)
     elif path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
         if dataset_config or (dataset_split or "train") != "train":
@@ -78,20 +82,28 @@ def load_rows(dataset_name: str, dataset_config: str | None = None, dataset_spli
 
 
 def _read_file(path: Path) -> list[dict]:
+    """Rows of a local file. JSON may be one array or one object a line (either extension), in
+    UTF-8 with or without a BOM and with any line endings (what Windows editors write)."""
+    if path.is_dir():
+        raise UserError(f"dataset {path} is a folder: pass a .json, .jsonl or .parquet file inside it")
     if not path.is_file():
         raise UserError(f"dataset file {path} does not exist: check --dataset_name")
     if path.suffix == ".parquet":
-        import datasets
-
-        return datasets.Dataset.from_parquet(str(path)).to_list()
+        return _read_parquet(path)
     if path.suffix not in (".json", ".jsonl"):
         raise UserError(f"dataset file {path} is not .json, .jsonl or .parquet: convert it or rename it")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8 JSON") from None
+    if text.lstrip().startswith("[") or _one_document(text):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
             raise UserError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+        if isinstance(rows, dict):
+            raise UserError(f"{path} holds one JSON object, not rows: write a list of rows, or one row a line "
+                            f"(keys: {', '.join(list(rows)[:5]) or 'none'})")
         return rows
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -101,6 +113,33 @@ def _read_file(path: Path) -> list[dict]:
             except json.JSONDecodeError as error:
                 raise UserError(f"{path}: invalid JSON on line {number}: {error.msg}") from None
     return rows
+
+
+def _one_document(text: str) -> bool:
+    """A single (possibly multi-line) JSON object, rather than one object a line."""
+    stripped = text.strip()
+    if not stripped.startswith("{") or "\n" not in stripped:
+        return False
+    try:
+        json.loads(stripped)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import datasets
+
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic != b"PAR1":
+        raise UserError(f"{path} is not a Parquet file (it does not start with PAR1): convert it, or name it "
+                        "after what it holds (.json / .jsonl)")
+    try:
+        return datasets.Dataset.from_parquet(str(path)).to_list()
+    except Exception as error:  # a damaged file: pyarrow's many error types, one line
+        raise UserError(f"{path} is not a readable Parquet file ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}): write it again") from None
 
 
 def _read_hub(name: str, config_name: str | None = None, split: str = "train") -> list[dict]:

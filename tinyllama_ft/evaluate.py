@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .data import IGNORE_INDEX, encode_prompt, prompt_messages
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,10 @@ def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] 
     single = isinstance(instructions, str) or (bool(instructions) and isinstance(instructions[0], dict))
     instructions = [instructions] if single else list(instructions)
     contexts = [contexts or ""] * len(instructions) if contexts is None or isinstance(contexts, str) else contexts
+    if any(not (i.strip() if isinstance(i, str) else i) for i in instructions):
+        raise UserError("an instruction is empty: pass the text to respond to")
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     prompts = [encode_prompt(tokenizer, prompt_messages(i, c, system_prompt)) for i, c in zip(instructions, contexts)]
     model.eval()
     device = next(model.parameters()).device

@@ -23,7 +23,7 @@ import trl.trainer.utils as trl_utils
 from trl import SFTTrainer
 
 from .artifacts import check_output_dir, resume_path, save_run
-from .config import Config, compute_dtype
+from .config import Config, check_model_fits, compute_dtype
 from .data import (category_counts, check_system_prompt, encode_rows, exclusion_counts, length_stats,
                    load_rows, split_rows, stratified_sample, to_conversations)
 from .errors import UserError
@@ -278,12 +278,13 @@ def train(config: Config) -> dict:
     """The whole run; writes `config.output_dir` and returns its metrics (with `timings`: seconds per stage)."""
     timings = Timings()
     check_output_dir(config)
-    log.info("configuration:\n%s", config.to_json())
+    check_target_modules(config.model_name_or_path, config.lora_target_modules, config.trust_remote_code)
+    check_model_fits(config)
     set_seed(config.seed)
     with timings("prepare_data"):
         tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
         data = prepare_data(config, tokenizer)
-        check_target_modules(config.model_name_or_path, config.lora_target_modules, config.trust_remote_code)
+        log.info("configuration:\n%s", config.to_json())  # only once known good: bad input shows just its error
         log.info("data: %s", data.stats(config.max_length))
     with timings("load_model"):
         model = setup_model(config, tokenizer)
