@@ -154,8 +154,8 @@ OTHER_CASES = [
      lambda tmp: export_merged(f"{tmp}/no_tokenizer", f"{tmp}/merged"), "holds a full (merged) model"),
     (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/text.parquet"],
      lambda tmp: load_rows(f"{tmp}/text.parquet"), "is not a Parquet file"),
-    (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}", "--n", "3"],
-     lambda tmp: load_rows(str(tmp)), "is a folder"),
+    (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/empty_folder", "--n", "3"],
+     lambda tmp: load_rows(f"{tmp}/empty_folder"), "is a folder without"),
 ]
 PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
     (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/broken.jsonl", "--n", "0"],

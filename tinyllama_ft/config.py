@@ -268,8 +268,9 @@ def check_model_fits(config: Config) -> None:
 
     from .modeling import build_tiny_model
 
-    if config.model_name_or_path == TINY_RANDOM_LLAMA:
-        model_config = build_tiny_model().config
+    tiny = build_tiny_model() if config.model_name_or_path == TINY_RANDOM_LLAMA else None
+    if tiny is not None:
+        model_config = tiny.config
     else:
         try:
             model_config = AutoConfig.from_pretrained(config.model_name_or_path,
@@ -280,8 +281,10 @@ def check_model_fits(config: Config) -> None:
     if positions and config.max_length > positions:
         raise UserError(f"max_length {config.max_length} is beyond the model's {positions} positions "
                         f"(max_position_embeddings): use --max_length {positions} or less")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    model = tiny
+    if model is None:  # (under ZeRO-3 a meta model cannot be built: the tiny one is built for real above)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
     widths = {name.rsplit(".", 1)[-1]: min(m.in_features, m.out_features) for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in config.lora_target_modules}
     if widths and config.lora_r > min(widths.values()):

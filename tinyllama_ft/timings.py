@@ -32,7 +32,7 @@ class Timings:
             yield self
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-            log.info("%s took %.1f s", stage, self.seconds[stage])
+        log.info("%s took %.1f s", stage, self.seconds[stage])  # not after an error: its line is all a user sees
 
     def as_dict(self) -> dict[str, float]:
         """The stages in the order they ran, then `total` (wall time since creation, stages included)."""
