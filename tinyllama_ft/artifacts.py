@@ -38,7 +38,7 @@ def check_output_dir(config) -> None:
     if not path.is_dir():
         _log_fresh_start(config, path)
         return
-    if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+    if is_model_folder(path):
         raise UserError(f"--output_dir {path} holds a model (config.json and model weights), not a run: pass "
                         "another --output_dir")
     if (path / "metrics.json").exists() and not config.overwrite_output_dir:
@@ -160,15 +160,37 @@ def load_for_inference(adapter_dir: str, device: str | None = None, dtype: torch
     if not (path / "adapter_model.safetensors").is_file():
         raise UserError(f"{adapter_dir} has no adapter_model.safetensors (only safetensors are loaded): "
                         "re-save the adapter with safe_serialization=True")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else
-                      torch.float16 if device == "cuda" else torch.float32)
+    device, dtype = inference_device_and_dtype(device, dtype)
     base_name = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     tokenizer = load_tokenizer(str(path))
     model = load_model(base_name, dtype, device=device)
     model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     _fix_generation_config(model, tokenizer)
     return model.eval(), tokenizer
+
+
+def is_model_folder(path: Path) -> bool:
+    """A full (e.g. merged) transformers model: a config and safetensors weights, no adapter."""
+    return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
+
+
+def inference_device_and_dtype(device: str | None = None, dtype: torch.dtype | None = None):
+    """CUDA in bf16 (fp16 where bf16 is unsupported) when there is a GPU, else the CPU in fp32."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else
+                      torch.float16 if device == "cuda" else torch.float32)
+    return device, dtype
+
+
+def check_export_out(adapter_dir: str, out: Path) -> None:
+    """`export --out` must be a new folder outside the run folder."""
+    if out.is_file():
+        raise UserError(f"--out {out} is an existing file: choose a new folder")
+    if out.exists():
+        raise UserError(f"{out} already exists: remove it or choose another folder")
+    if Path(adapter_dir).resolve() in out.resolve().parents:
+        raise UserError(f"--out {out} is inside the run folder {adapter_dir}: choose a folder outside it "
+                        "(e.g. beside it), so the run folder stays a run")
 
 
 def check_adapter_dir(path: Path) -> None:
@@ -178,7 +200,7 @@ def check_adapter_dir(path: Path) -> None:
     if not path.is_dir():
         raise UserError(f"--adapter {path} does not exist: pass the output folder of a finished run")
     if not (path / "adapter_config.json").is_file():
-        if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+        if is_model_folder(path):
             raise UserError(f"{path} holds a full (merged) model, not a LoRA adapter: load it with "
                             "AutoModelForCausalLM.from_pretrained, or pass the run folder it was exported from")
         raise UserError(f"{path} has no adapter_config.json: pass the output folder of a finished run")
@@ -188,13 +210,7 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     """Merge the adapter into the base weights (`merge_and_unload`) and save a standalone folder
     (safetensors, tokenizer with chat template, generation config with the right EOS)."""
     out = Path(out_dir)
-    if out.is_file():
-        raise UserError(f"--out {out} is an existing file: choose a new folder")
-    if out.exists():
-        raise UserError(f"{out} already exists: remove it or choose another folder")
-    if Path(adapter_dir).resolve() in out.resolve().parents:
-        raise UserError(f"--out {out} is inside the run folder {adapter_dir}: choose a folder outside it "
-                        "(e.g. beside it), so the run folder stays a run")
+    check_export_out(adapter_dir, out)
     model, tokenizer = load_for_inference(adapter_dir, device="cpu", dtype=torch.float32)
     merged = model.merge_and_unload()
     tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".merging-"))

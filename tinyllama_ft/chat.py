@@ -31,18 +31,16 @@ log = logging.getLogger(__name__)
 def load_chat_model(folder: str, device: str | None = None, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a run folder (base + LoRA adapter, `load_for_inference`) or from a
     merged export (a plain `AutoModelForCausalLM` folder, `python -m tinyllama_ft export`)."""
-    from .artifacts import _fix_generation_config, load_for_inference
+    from .artifacts import _fix_generation_config, inference_device_and_dtype, is_model_folder, load_for_inference
     from .modeling import load_model, load_tokenizer
 
     path = Path(folder)
     if (path / "adapter_config.json").is_file():
         return load_for_inference(folder, device=device, dtype=dtype)
-    if not ((path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+    if not is_model_folder(path):
         raise UserError(f"{folder} is neither a run folder (adapter_config.json) nor a merged export (config.json "
                         "and .safetensors weights): pass the output folder of `train` or of `export`")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else
-                      torch.float16 if device == "cuda" else torch.float32)
+    device, dtype = inference_device_and_dtype(device, dtype)
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, dtype, device=device)
     _fix_generation_config(model, tokenizer)

@@ -42,7 +42,7 @@ JINJA_SPACE, OLLAMA_SPACE = "{{ ' ' }}", '{{ " " }}'
 def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Path:
     """Merge the adapter (`merge_and_unload`) and write `out_dir/<run>-<quantization>.gguf` and an
     Ollama `Modelfile` next to it. Written into a hidden folder and renamed, so `out_dir` is whole or absent."""
-    from .artifacts import load_for_inference, saved_system_prompt
+    from .artifacts import check_export_out, load_for_inference, saved_system_prompt
 
     try:
         import gguf  # noqa: F401
@@ -52,8 +52,7 @@ def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Pa
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     out = Path(out_dir)
-    if out.exists():
-        raise UserError(f"{out} already exists: remove it or choose another folder")
+    check_export_out(adapter_dir, out)
     spm_dir = _tokenizer_model_of_run(adapter_dir)  # a missing tokenizer.model fails before the weights load
     model, tokenizer = load_for_inference(adapter_dir, device="cpu", dtype=torch.float32)
     merged = model.merge_and_unload().eval()
