@@ -149,8 +149,13 @@ class Config(SFTConfig):
                   "scores every position, like the seed."},
     )
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (fused AdamW by default)."})
-    gradient_checkpointing: bool = field(
-        default=True, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    gradient_checkpointing: str = field(
+        default="auto",
+        metadata={"help": "auto | true | false: recompute activations in the backward pass to save memory. auto "
+                  "(default): off when the activations of the worst-case micro-batch (the "
+                  "per_device_train_batch_size longest rows), measured before training, take at most half of the "
+                  "device's free memory, else on (tinyllama_ft/memory.py; the run records what it chose). true: the "
+                  "seed's.", "nargs": "?", "const": "true"},
     )
     logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
     save_steps: float = field(
@@ -185,7 +190,8 @@ class Config(SFTConfig):
         self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
         # `gradient_checkpointing` is the name the seed and TRL users know; transformers 5 calls it
         # `activation_checkpointing` and reads the old name only when the new one is unset.
-        if self.activation_checkpointing is None:
+        self.gradient_checkpointing = _checkpointing_value(self.gradient_checkpointing)
+        if self.activation_checkpointing is None:  # "auto" stays until build_trainer has measured (memory.py)
             self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
 
@@ -233,6 +239,18 @@ class Config(SFTConfig):
         data = self.to_dict()
         data.pop("hub_token", None)
         return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+def _checkpointing_value(value) -> bool | str:
+    """True, False or "auto", from a bool or its spellings (YAML, the command line, the notebook)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise UserError(f"gradient_checkpointing must be auto, true or false, got {value!r}")
 
 
 def _require_cuda_and(flag: str, module: str, package: str) -> None:

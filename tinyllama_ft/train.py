@@ -27,6 +27,7 @@ from .config import Config, check_model_fits, compute_dtype
 from .data import (category_counts, check_system_prompt, encode_rows, exclusion_counts, length_stats,
                    load_rows, split_rows, stratified_sample, to_conversations)
 from .errors import UserError
+from .memory import decide_checkpointing
 from .evaluate import GENERATION_BATCH_SIZE, evaluate_loss, generate, score_generations
 from .modeling import check_target_modules, count_parameters, load_model, load_tokenizer, wrap_lora
 from .timings import Timings, write_timings
@@ -111,7 +112,7 @@ def setup_model(config: Config, tokenizer=None):
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing is True)
     set_seed(config.seed)
     model = wrap_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     trainable, total = count_parameters(model)
@@ -208,7 +209,9 @@ def trainer_config(config: Config) -> Config:
 
 def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
     """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100 (or, padding-free,
-    concatenates rows with restarting position ids), so the EOS stays trained."""
+    concatenates rows with restarting position ids), so the EOS stays trained. Resolves
+    `gradient_checkpointing="auto"` first, from the worst-case micro-batch (`memory.decide_checkpointing`)."""
+    decide_checkpointing(config, model, data, tokenizer.pad_token_id)  # "auto" becomes on or off, measured
     eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
     if eval_dataset is None:
         config.eval_strategy = "no"
