@@ -60,23 +60,27 @@ SEED = dict(
 # Padding-free batches of the same 2 random rows: the rows are concatenated into one sequence with
 # position ids restarting at 0 per row, so nothing is padded and (with SDPA or FlashAttention) no row
 # attends to another; the same rows make the same optimizer steps, so what is learned is unchanged.
-# The LM head runs only at labelled positions (their loss and gradients are all there is).
-# Gradient checkpointing stays on (the default) until `--preset gpu` has measured that TinyLlama at
-# batch 2 x 1,024 tokens fits 12 GB without it; `no_checkpointing` among the candidates measures the gain.
+# The LM head runs only at labelled positions (their loss and gradients are all there is). Gradient
+# checkpointing decides itself ("auto", tinyllama_ft/memory.py): off where the worst-case micro-batch's
+# activations take at most half of the free memory (so off on this CPU preset), on otherwise.
 PROPOSED = dict(
     padding_free=True,
     optim="adamw_torch_fused",
     lm_head_labelled_only=True,
+    gradient_checkpointing="auto",
 )
 
-# Other candidates measured for docs/PERFORMANCE.md (`--candidates`); each is PROPOSED/SEED + overrides.
+# Other candidates measured for docs/PERFORMANCE.md (`--candidates [NAME ...]`); each is PROPOSED/SEED + overrides.
+# (TRL 1.16's loss_type="chunked_nll" is a deprecated alias of "nll", the default the project already runs:
+# trl/trainer/sft_config.py turns one into the other, so it is no candidate of its own.)
 CANDIDATES = {
     "seed_no_checkpointing": dict(SEED, gradient_checkpointing=False),
     "seed_labelled_head": dict(SEED, lm_head_labelled_only=True),
     "default_all_positions": dict(PROPOSED, lm_head_labelled_only=False),
+    "default_checkpointing": dict(PROPOSED, gradient_checkpointing=True),
+    "default_compiled": dict(PROPOSED, torch_compile=True),
     "group_by_length": dict(SEED, gradient_checkpointing=False, optim="adamw_torch_fused",
                             lm_head_labelled_only=True, train_sampling_strategy="group_by_length"),
-    "no_checkpointing": dict(PROPOSED, gradient_checkpointing=False),
     "padding_free_4x4": dict(PROPOSED, per_device_train_batch_size=4, gradient_accumulation_steps=4),
     "padding_free_16x1": dict(PROPOSED, per_device_train_batch_size=16, gradient_accumulation_steps=1),
     "packing_bfd": dict(PROPOSED, packing=True, packing_strategy="bfd", per_device_train_batch_size=1,
@@ -139,16 +143,21 @@ def main(args: list[str]) -> dict:
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--rows", type=int, help="training rows (one epoch; a multiple of 16 keeps every optimizer "
                         "step full). Default: 128 for cpu, 1088 for gpu")
-    parser.add_argument("--candidates", action="store_true",
-                        help="also measure the other candidate configurations (slower)")
+    parser.add_argument("--candidates", nargs="*", metavar="NAME",
+                        help="also measure the other candidate configurations (slower): all, or those named ("
+                        + ", ".join(CANDIDATES) + ")")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every configuration N times, interleaved, and keep each one's fastest run "
                         "(for a shared or noisy machine)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads per training process (default: PyTorch's, one per core)")
+    parser.add_argument("--max_memory_gib", type=float,
+                        help="gpu: cap every training process at this much GPU memory "
+                        "(torch.cuda.set_per_process_memory_fraction), e.g. 12 for a 12 GB card")
     parser.add_argument("--eval", action="store_true",
-                        help="time evaluation instead (base + fine-tuned: validation loss and greedy generation), "
-                        "the code before (full logits, batches of 8, LoRA unmerged) against today's, side by side")
+                        help="time evaluation instead (base + fine-tuned: validation loss and greedy generation, answers "
+                        "ending at a realistic forced stopping pattern), the code before issue 12 (full logits, "
+                        "static batches of 8, LoRA unmerged) against today's, side by side")
     parser.add_argument("--max_new_tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
                         help=f"with --eval: generation budget per answer (default {EVAL_MAX_NEW_TOKENS})")
     opts = parser.parse_args(args)
@@ -167,6 +176,11 @@ def main(args: list[str]) -> dict:
         if not torch.cuda.is_available():
             raise UserError("bench --preset gpu needs a CUDA GPU and none is visible: run --preset cpu here, "
                             "or run this on a GPU machine")
+    unknown = sorted(set(opts.candidates or []) - set(CANDIDATES))
+    if unknown:
+        raise UserError(f"bench: unknown candidate {unknown[0]!r}: choose from {', '.join(CANDIDATES)}")
+    if opts.max_memory_gib is not None and (opts.preset != "gpu" or opts.max_memory_gib <= 0):
+        raise UserError("bench: --max_memory_gib needs --preset gpu and a positive number of GiB")
     if opts.out:
         out_dir = Path(opts.out).resolve().parent
         if not out_dir.is_dir():
@@ -188,9 +202,9 @@ def main(args: list[str]) -> dict:
                       train_size=preset["train_size"], max_length=preset["max_length"])
         precision = {"cpu": "fp32", "gpu": "fp16"}[device]
         configs = {"baseline": dict(SEED, precision=precision), "default": dict(PROPOSED, precision="auto")}
-        if opts.candidates:  # those built on the seed keep the seed's precision
+        if opts.candidates is not None:  # those built on the seed keep the seed's precision
             configs |= {name: dict(c, precision=precision if c["optim"] == SEED["optim"] else "auto")
-                        for name, c in CANDIDATES.items()}
+                        for name, c in CANDIDATES.items() if name in (opts.candidates or CANDIDATES)}
         results: dict[str, dict] = {}
         for attempt in range(opts.repeat):
             for name, overrides in configs.items():
@@ -198,6 +212,7 @@ def main(args: list[str]) -> dict:
                       + (f", run {attempt + 1} of {opts.repeat}" if opts.repeat > 1 else "") + " ...",
                       file=sys.stderr, flush=True)
                 result = _run_worker(tmp, "train", dict(name=name, device=device, tmp=str(tmp), threads=opts.threads,
+                                                        max_memory_gib=opts.max_memory_gib,
                                                         overrides=common | overrides))
                 result["runs"] = results.get(name, {}).get("runs", []) + [result["real_tokens_per_second"]]
                 if name not in results or result["real_tokens_per_second"] > results[name]["real_tokens_per_second"]:
@@ -213,6 +228,7 @@ def main(args: list[str]) -> dict:
 
     report = {"preset": opts.preset, "device": prepared["device_name"], "model": prepared["model"],
               "dataset": common["dataset_name"], "rows": preset["train_size"],
+              "max_memory_gib": opts.max_memory_gib,
               "baseline": results.pop("baseline"), "default": results.pop("default")}
     report["speedup"] = report["default"]["real_tokens_per_second"] / report["baseline"]["real_tokens_per_second"]
     if results:
@@ -246,6 +262,10 @@ def format_table(report: dict) -> str:
                 f"{r['seconds_per_step']:>8.2f}{r['steps']:>6}{r['real_tokens_per_cpu_second']:>10.1f}  {same:<12}")
         lines.append(line + (f"{r['mfu']:>7.1%}" if mfu else ""))
     lines.append(f"speedup (default / baseline, real tokens/s): {report['speedup']:.2f}x")
+    base = report["baseline"]["train_loss"]
+    lines.append("training loss: " + ", ".join(f"{name} {r['train_loss']:.6f}" for name, r in rows)
+                 + f"; largest relative difference from the seed's: "
+                 f"{max(abs(r['train_loss'] - base) / abs(base) for _, r in rows):.1e}")
     if report["preset"] == "gpu":
         lines.append("fits a 12 GB GPU (largest of peak and worst-case reserved, + 0.5 GiB CUDA context, <= 12 GiB): "
                      + ", ".join(f"{name} {'yes' if r['fits_12gb'] else 'NO'}" for name, r in rows))
@@ -415,6 +435,9 @@ def _train(spec: dict) -> dict:
     from .train import build_trainer, fit, prepare_data, setup_model
 
     cuda = spec["device"] == "cuda"
+    if cuda and spec.get("max_memory_gib"):  # before anything is allocated: the cap the whole run lives under
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["max_memory_gib"] * GIB / total))
     tmp = Path(spec["tmp"])
     overrides = dict(output_dir=str(tmp / "runs" / spec["name"]), eval_size=0, test_size=0, num_generate=0,
                      eval_strategy="no", save_strategy="no", logging_steps=10_000, report_to="none",
@@ -447,7 +470,8 @@ def _train(spec: dict) -> dict:
         "trainer_num_input_tokens_seen": metrics["train_tokens"], "train_loss": metrics["train_loss"],
         "configuration": {k: getattr(config, k) for k in (
             "per_device_train_batch_size", "gradient_accumulation_steps", "train_sampling_strategy", "padding_free",
-            "packing", "gradient_checkpointing", "optim", "lm_head_labelled_only", "precision", "attn_implementation")},
+            "packing", "gradient_checkpointing", "optim", "lm_head_labelled_only", "precision", "attn_implementation",
+            "torch_compile")},
         "attention": model.config._attn_implementation, "threads": torch.get_num_threads(),
     }
     result["worst_case_peak_memory_bytes"], result["worst_case_micro_batch_tokens"] = _worst_case_step(
@@ -460,16 +484,9 @@ def _worst_case_step(trainer, data, config, cuda: bool) -> tuple[int, int]:
     the largest micro-batch this configuration can meet on this data (random order may not meet it)."""
     import torch
 
-    rows = sorted(data.examples("train"), key=lambda e: len(e["input_ids"]), reverse=True)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[: config.per_device_train_batch_size]]
-    if config.packing:  # one pack of the longest rows that fit max_length
-        packed, total = [], 0
-        for r in rows:
-            if total + len(r["input_ids"]) <= config.max_length:
-                packed.append(r)
-                total += len(r["input_ids"])
-        rows = [{"input_ids": sum((r["input_ids"] for r in packed), []), "labels": sum((r["labels"] for r in packed), []),
-                 "seq_lengths": [len(r["input_ids"]) for r in packed]}]
+    from .memory import worst_case_rows
+
+    rows = worst_case_rows(data.examples("train"), config.per_device_train_batch_size, config.packing, config.max_length)
     batch = trainer.data_collator.collator(rows)
     batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     trainer.model.train()
@@ -502,10 +519,50 @@ def _add_mfu(result: dict, prepared: dict) -> None:
 # tokens each), for the base and the fine-tuned model. `--eval` keeps the rows' proportion (5:2) at a tenth
 # and halves the budget, so that a side-by-side run with repeats fits a few minutes on 2 cores.
 EVAL_ROWS, EVAL_MAX_NEW_TOKENS = 50, 128
-EVAL_PATHS = {  # name -> (evaluate_loss labelled_only, generate batch_size, generate merge_lora)
-    "before": (False, 8, False),  # the code before: full logits, batches of 8, LoRA unmerged
-    "today": (True, None, None),  # the defaults: labelled positions only, GENERATION_BATCH_SIZE, merged where exact
+EVAL_PATHS = {  # name -> (evaluate_loss labelled_only, generate batch_size, merge_lora, batching)
+    "before": (False, 8, False, "static"),  # before issue 12: full logits, batches of 8 each waiting for its longest, LoRA unmerged
+    "today": (True, None, None, "continuous"),  # the defaults: labelled positions only, continuous batching, merged where exact
 }
+
+
+@contextlib.contextmanager
+def forced_stops(model, eos_token_id: int, mean_length: float, seed: int = 0, positions: int = 8192):
+    """A realistic stopping pattern for a model that never stops (random weights): within this block the model's
+    logits force the EOS at a fixed random set of positions, each position a stop with probability 1/mean_length,
+    so that every answer ends at the first such position after its prompt: answer lengths are geometric with that
+    mean (long-tailed, like real answers; capped by the budget). Keyed on the position ids the model receives, so
+    that `generate` and continuous batching (and any batch layout) stop every answer at the same token."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    stops = torch.rand(positions, generator=generator) < 1 / mean_length
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    seen = {}
+
+    def before(module, args, kwargs):
+        seen["positions"], seen["keep"] = kwargs.get("position_ids"), kwargs.get("logits_to_keep", 0)
+
+    def after(module, args, kwargs, output):
+        position_ids, keep = seen["positions"], seen["keep"]
+        if position_ids is None:
+            raise RuntimeError("forced_stops needs the position ids the model is called with")
+        logits = output.logits
+        if isinstance(keep, torch.Tensor):
+            position_ids = position_ids[:, keep]
+        else:
+            position_ids = position_ids[:, -logits.shape[1]:]
+        stop = stops.to(logits.device)[position_ids.clamp(max=positions - 1)]  # [batch, positions]
+        logits[stop] = torch.finfo(logits.dtype).min
+        logits[..., eos_token_id][stop] = 0.0
+        return output
+
+    handles = [inner.register_forward_pre_hook(before, with_kwargs=True),
+               inner.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def main_eval(opts, preset: dict) -> dict:
@@ -556,8 +613,11 @@ def _evaluate(spec: dict) -> dict:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
     examples = data.examples("validation")
     prompts = [data.rows[i] for i in data.generate_rows]
+    # the test rows' reference answers, in tokens (response + EOS: the labelled tokens), set the stopping pattern
+    reference = [sum(label != -100 for label in data.encoded[i]["labels"]) for i in data.generate_rows]
+    mean_length = sum(min(n, config.max_new_tokens) for n in reference) / len(reference)
 
-    def one(labelled_only, batch_size, merge) -> dict:
+    def one(labelled_only, batch_size, merge, batching) -> dict:
         result = {}
         for side in ("base", "tuned"):
             with model.disable_adapter() if side == "base" else contextlib.nullcontext():
@@ -565,22 +625,25 @@ def _evaluate(spec: dict) -> dict:
                 loss = evaluate_loss(model, examples, tokenizer.pad_token_id, config.per_device_eval_batch_size,
                                      eos_token_id=tokenizer.eos_token_id, labelled_only=labelled_only, progress=False)
                 middle = time.perf_counter()
-                texts = generate(model, tokenizer, [r["instruction"] for r in prompts], [r["context"] for r in prompts],
-                                 config.max_new_tokens, progress=False,
-                                 **({} if batch_size is None else {"batch_size": batch_size}),
-                                 merge_lora=merge)
+                with forced_stops(model, tokenizer.eos_token_id, mean_length):
+                    texts = generate(model, tokenizer, [r["instruction"] for r in prompts],
+                                     [r["context"] for r in prompts], config.max_new_tokens, progress=False,
+                                     **({} if batch_size is None else {"batch_size": batch_size}),
+                                     merge_lora=merge, batching=batching)
                 end = time.perf_counter()
             tokens = sum(t["tokens"] for t in texts)
             result[side] = {"loss": loss["loss"], "eos_logprob": loss["eos_logprob"], "loss_seconds": middle - start,
                             "generation_seconds": end - middle, "generated_tokens": tokens,
-                            "generation_tokens_per_second": tokens / (end - middle), "texts": [t["text"] for t in texts]}
+                            "generation_tokens_per_second": tokens / (end - middle), "texts": [t["text"] for t in texts],
+                            "answer_tokens": [t["tokens"] for t in texts], "ended": sum(t["ended"] for t in texts)}
         result["seconds"] = sum(result[s]["loss_seconds"] + result[s]["generation_seconds"] for s in ("base", "tuned"))
         return result
 
     with model.disable_adapter():  # warm-up, untimed: first calls pay one-off kernel and import costs
         evaluate_loss(model, examples[:2], tokenizer.pad_token_id, labelled_only=False, progress=False)
         evaluate_loss(model, examples[:2], tokenizer.pad_token_id, progress=False)
-        generate(model, tokenizer, prompts[0]["instruction"], max_new_tokens=2, progress=False)
+        for batching in ("static", "continuous"):
+            generate(model, tokenizer, prompts[0]["instruction"], max_new_tokens=2, progress=False, batching=batching)
     best: dict[str, dict] = {}
     for _ in range(spec["repeat"]):
         for name, knobs in EVAL_PATHS.items():
@@ -598,6 +661,10 @@ def _evaluate(spec: dict) -> dict:
     report["identical_texts"] = sum(a == b for s in ("base", "tuned")
                                     for a, b in zip(today[s]["texts"], before[s]["texts"]))
     report["texts"] = 2 * len(prompts)
+    report["stopping"] = {"mean_reference_tokens": mean_length, "reference_tokens": reference,
+                          "answer_tokens": [t for s in ("base", "tuned") for t in today[s]["answer_tokens"]]}
+    report["identical_answer_lengths"] = sum(a == b for s in ("base", "tuned")
+                                             for a, b in zip(today[s]["answer_tokens"], before[s]["answer_tokens"]))
     return report
 
 
@@ -613,9 +680,15 @@ def format_eval_table(report: dict) -> str:
                          f"{r['generation_tokens_per_second']:>11.1f}{r['loss']:>12.6f}{r['eos_logprob']:>13.5f}")
         lines.append(f"{name:<8}{'total':<7}{report[name]['seconds']:>20.2f} s  (runs: "
                      + ", ".join(f"{s:.1f}" for s in report[name]["runs"]) + ")")
+    stopping = report["stopping"]
+    lines.append(f"stopping pattern (both paths alike): the random model's EOS forced at random positions, answers "
+                 f"geometric with mean {stopping['mean_reference_tokens']:.1f} tokens (the test rows' reference answers, "
+                 f"capped at {report['max_new_tokens']}); answers here: mean "
+                 f"{sum(stopping['answer_tokens']) / len(stopping['answer_tokens']):.1f}, longest "
+                 f"{max(stopping['answer_tokens'])} tokens")
     lines.append(f"speedup (before / today, evaluation seconds): {report['speedup']:.2f}x; largest relative difference "
                  f"in loss and eos_logprob: {report['max_relative_difference']:.1e}; identical greedy texts: "
-                 f"{report['identical_texts']} of {report['texts']}")
+                 f"{report['identical_texts']} of {report['texts']} (answer lengths: {report['identical_answer_lengths']})")
     return "\n".join(lines)
 
 
