@@ -94,7 +94,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     (["train", "--lora_r", "0"], "lora_r must be > 0"),
     (["train", "--learning_rate", "-1"], "learning_rate must be > 0"),
     (["train", "--no_such_field", "1"], "not used by the HfArgumentParser"),
-    (["train", "--precision", "bf16"], "needs a CUDA GPU"),
+    (["train", "--precision", "fp16"], "needs a CUDA GPU"),
     (["train", "--preset", "smoke", "--dataset_name", "missing.jsonl"], "does not exist"),
     (["train", "--preset", "smoke", "--train_size", "100"], "has only 48 rows"),
     (["train", "--preset", "smoke", "--lora_target_modules", "c_attn"], "no module named c_attn"),

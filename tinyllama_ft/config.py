@@ -66,7 +66,9 @@ class Config(SFTConfig):
     precision: str = field(
         default="auto",
         metadata={"help": "auto | bf16 | fp16 | fp32. auto: bf16 where the GPU supports it, else fp16 on CUDA, "
-                  "fp32 on CPU. Frozen base weights are held in this dtype; LoRA weights stay in fp32.",
+                  "fp32 on CPU. Frozen base weights are held in this dtype; LoRA weights stay in fp32. bf16 also "
+                  "runs on CPU when asked for (autocast; half the base's memory, slower on most CPUs); fp16 needs "
+                  "CUDA (its loss scaler).",
                   "choices": ["auto", "bf16", "fp16", "fp32"]},
     )
     load_in_4bit: bool = field(
@@ -268,8 +270,8 @@ def resolve_precision(precision: str) -> str:
         if not torch.cuda.is_available():
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise UserError(f"precision={precision} needs a CUDA GPU and none is visible: use --precision auto or fp32")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("precision=fp16 needs a CUDA GPU and none is visible: use --precision auto, bf16 or fp32")
     if precision not in ("bf16", "fp16", "fp32"):
         raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     return precision
