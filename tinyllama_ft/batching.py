@@ -5,7 +5,7 @@ keeps a paged KV cache and schedules tokens, not rows: a finished answer leaves 
 place goes to the next prompt, so no row waits for the slowest one of its batch, and prompts need no
 padding. Greedy tokens equal `model.generate`'s (tests/test_evaluate.py compares them on stories260k).
 
-Used by `generate` (evaluate.py) where it applies: one process, unsharded weights (`can_batch_continuously`).
+Used by `generate` (generation.py) where it applies: one process, unsharded weights (`can_batch_continuously`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def can_batch_continuously(model) -> bool:
     transformers' own with the method (PEFT wraps it transparently)."""
     from accelerate import PartialState
 
-    from .evaluate import is_sharded
+    from .modeling import is_sharded
 
     return (PartialState().num_processes == 1 and not is_sharded(model) and hasattr(model, "generate_batch")
             and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
