@@ -19,7 +19,7 @@ a step that fails is recorded with its last lines and the next one runs):
 Everything is written to DIR/gpu_check.md (the tables) and DIR/gpu_check.json (all numbers), and the
 output of every command to DIR/gpu_check.log: three files (the device returns at most 8).
 With --dry-run the same steps run on CPU at tiny shapes (the bench's cpu preset, the smoke preset's sizes,
-fp32); steps that need CUDA (fp16 weights, QLoRA, Liger) run their command and must end in the project's
+bf16 where the step is bf16, and the scaler/gradient check in bf16); steps that need CUDA (fp16 weights, QLoRA, Liger) run their command and must end in the project's
 one-line refusal.
 """
 
@@ -145,7 +145,7 @@ def bench(capped: bool):
     def run(check: Check):
         out = Path(check.tmp) / f"bench-{'capped' if capped else 'uncapped'}.json"
         if check.dry_run:
-            args = ["--preset", "cpu", "--rows", "16"] + (["--candidates", "default_checkpointing"] if capped else [])
+            args = ["--preset", "cpu", "--rows", "4"] + (["--candidates", "default_checkpointing"] if capped else [])
         else:
             args = ["--preset", "gpu", "--rows", "320"] + (["--candidates", "--max_memory_gib", "12"] if capped else [])
         done = check.command(sys.executable, "-m", "tinyllama_ft", "bench", *args, "--out", out)
@@ -214,7 +214,7 @@ def train_precision(precision: str):
                 raise RuntimeError(f"expected the one-line CUDA refusal, got: {line}")
             return {"refused": line}, f"refused on CPU, as it should: `{line}`"
         name = precision
-        extra = ["--precision", "fp32" if check.dry_run else precision]
+        extra = ["--precision", precision]  # bf16 runs on CPU too (autocast, base in bf16)
         check.command(*_train_args(check, name, *extra))
         run_dir = Path(check.tmp) / "runs" / name
         generated = check.command(sys.executable, "-m", "tinyllama_ft", "generate", "--adapter", run_dir,
@@ -224,7 +224,7 @@ def train_precision(precision: str):
         result = _metrics(check, name) | {"generated": generated.stdout.strip()[-200:],
                                           "export_files": sorted(p.name for p in export.iterdir())}
         if precision == "fp16" or check.dry_run:
-            result |= check.python(FP16_CHECK, _model(check), check.assets, "fp32" if check.dry_run else "fp16")
+            result |= check.python(FP16_CHECK, _model(check), check.assets, "bf16" if check.dry_run else "fp16")
         table = HEAD + "\n" + _row(name, result)
         if "loss_scale" in result:
             table += (f"\n\nloss scale after {result['steps']} steps: {result['loss_scale']}; LoRA gradient dtypes: "
