@@ -184,10 +184,13 @@ def cmd_serve(args: list[str]) -> None:
     parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--continuous_batching", action="store_true",
+                        help="let requests that arrive together share the model's steps (transformers' continuous "
+                        "batching); default: one request after another")
     opts = _parse(parser, args)
     from .serve import serve
 
-    serve(opts.adapter, opts.host, opts.port)
+    serve(opts.adapter, opts.host, opts.port, opts.continuous_batching)
 
 
 def cmd_export(args: list[str]) -> None:

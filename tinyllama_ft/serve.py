@@ -80,9 +80,12 @@ def check_prompt_ids(served, tokenizer) -> None:
                             "serve a run of this project or its merged export")
 
 
-def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
+def build_app(model, tokenizer, name: str, system_prompt: str | None = None, continuous_batching: bool = False):
     """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`; requests without
-    a system message get `system_prompt` (the run's own) first, as training formatted its rows."""
+    a system message get `system_prompt` (the run's own) first, as training formatted its rows.
+    `continuous_batching`: requests that arrive together share the model's steps (`transformers serve
+    --continuous-batching`'s machinery: a paged cache, finished answers leave at once); off, each request
+    generates on its own, one after another (benchmarks/serve_load.py measures both)."""
     try:
         from fastapi import HTTPException
         from transformers.cli.serving.chat_completion import ChatCompletionHandler
@@ -140,14 +143,14 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
             return config
 
     manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
-    state = GenerationState()
+    state = GenerationState(continuous_batching=continuous_batching)
     return build_server(manager, ChatCompletions(manager, state), completion_handler=CompletionHandler(manager, state),
                         response_handler=ResponseHandler(manager, state),
                         transcription_handler=TranscriptionHandler(manager, state),
                         systemone_handler=SystemOneHandler(manager, state), generation_state=state)
 
 
-def serve(folder: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, continuous_batching: bool = False) -> None:
     """Load `folder` (a run or a merged export) and serve it until interrupted."""
     import uvicorn
 
@@ -155,7 +158,7 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000) -> None:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
     model, tokenizer = load_saved(folder)
     name = Path(folder).resolve().name
-    app = build_app(model, tokenizer, name, saved_system_prompt(folder))
+    app = build_app(model, tokenizer, name, saved_system_prompt(folder), continuous_batching)
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
              folder, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
