@@ -39,13 +39,39 @@ def generate_continuously(model, prompts: list[list[int]], max_new_tokens: int, 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     attention = inner.config._attn_implementation
     with _quiet():
-        outputs = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+        outputs = model.generate_batch(prompts, generation_config=config, progress_bar=False,
+                                       continuous_batching_config=cache_config(inner, prompts, max_new_tokens))
     inner.set_attn_implementation(attention)  # generate_batch switches to a paged kernel; give the model back as it was
     results = list(outputs.values())
     if len(results) != len(prompts) or any(r.error for r in results):
         failed = next((r.error for r in results if r.error), f"{len(results)} of {len(prompts)} answers came back")
         raise RuntimeError(f"continuous batching failed: {failed}")
     return [list(r.generated_tokens) for r in results]
+
+
+PAGE_TOKENS = 256  # tokens per cache page (transformers' default)
+MAX_BATCH_TOKENS = 1024  # tokens per step (prefill chunks and decode tokens together)
+CACHE_SHARE = 0.25  # the cache may take at most this share of the free memory
+
+
+def cache_config(model, prompts: list[list[int]], max_new_tokens: int):
+    """A paged cache sized by the work, not by the machine: room for every answer at once (its prompt and its
+    budget), at most CACHE_SHARE of the free memory. Left to itself, transformers sizes the cache at 60-90% of
+    the device's memory, which on a CPU is the machine's RAM (a 14 GB process on a 24 GB box, killed by the
+    kernel) and on a GPU all that training will want back."""
+    from transformers import ContinuousBatchingConfig
+
+    from .memory import free_memory_bytes
+
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    bytes_per_block = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype.itemsize * PAGE_TOKENS  # K and V
+    wanted = sum(-(-(len(p) + max_new_tokens) // PAGE_TOKENS) for p in prompts) + 1
+    room = int(CACHE_SHARE * free_memory_bytes(next(model.parameters()).device) // bytes_per_block)
+    return ContinuousBatchingConfig(page_size=PAGE_TOKENS, num_blocks=max(1, min(wanted, room)),
+                                    max_batch_tokens=MAX_BATCH_TOKENS)
 
 
 @contextlib.contextmanager

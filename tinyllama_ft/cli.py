@@ -23,7 +23,7 @@ commands:
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N] [--system_prompt TEXT]
   chat      --adapter DIR [--max_new_tokens N] [--temperature T] [--top_p P] [--system TEXT]
                                                   talk to a run or a merged export, streamed
-  serve     --adapter DIR [--host 127.0.0.1] [--port 8000]
+  serve     --adapter DIR [--host 127.0.0.1] [--port 8000] [--continuous_batching]
                                                   OpenAI-compatible /v1/chat/completions
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
