@@ -112,3 +112,37 @@ def test_serve_and_chat_refuse_a_folder_that_holds_no_model_in_one_line(tmp_path
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {tmp_path} is neither a run folder")
     assert main(["serve", "--adapter", str(tmp_path), "--port", "70000"]) == 2
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_with_continuous_batching_answers_concurrent_requests_like_generate(tmp_path):
+    """`serve --continuous_batching`: 4 requests at once share the model's steps and each gets `generate`'s
+    greedy answer (the server's cache sized for 8 whole contexts, not for the machine's RAM)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    run = stories_run()
+    port, log = free_port(), tmp_path / "serve.log"
+    base_url = f"http://127.0.0.1:{port}/v1"
+    process = subprocess.Popen([sys.executable, "-m", "tinyllama_ft", "serve", "--adapter", str(run), "--port",
+                                str(port), "--continuous_batching"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=log.open("w"))
+    try:
+        wait_until_serving(process, base_url, log)
+        model, tokenizer = load_for_inference(str(run), device="cpu")
+        questions = ["Name three primes.", "Why is the sky blue?", "What is a cat?", "Tell me a story."]
+        expected = generate(model, tokenizer, questions, max_new_tokens=16, batching="static", progress=False)
+        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+        ask = lambda q: client.chat.completions.create(  # noqa: E731
+            model=run.name, messages=[{"role": "user", "content": q}], max_tokens=16).choices[0].message.content
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, questions))
+        assert [a.strip() for a in answers] == [e["text"] for e in expected]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)

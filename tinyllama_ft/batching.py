@@ -59,16 +59,28 @@ def cache_config(model, prompts: list[list[int]], max_new_tokens: int):
     budget), at most CACHE_SHARE of the free memory. Left to itself, transformers sizes the cache at 60-90% of
     the device's memory, which on a CPU is the machine's RAM (a 14 GB process on a 24 GB box, killed by the
     kernel) and on a GPU all that training will want back."""
+    return _sized(model, sum(-(-(len(p) + max_new_tokens) // PAGE_TOKENS) for p in prompts) + 1)
+
+
+def serving_cache_config(model, concurrent: int = 8):
+    """The server's cache: room for `concurrent` conversations of the model's whole context at once, at most
+    CACHE_SHARE of the free memory (more requests wait their turn)."""
+    from .saved_model import context_length
+
+    return _sized(model, concurrent * -(-context_length(model) // PAGE_TOKENS))
+
+
+def _sized(model, wanted: int):
     from transformers import ContinuousBatchingConfig
 
     from .memory import free_memory_bytes
 
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     dtype = next(model.parameters()).dtype
     bytes_per_block = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype.itemsize * PAGE_TOKENS  # K and V
-    wanted = sum(-(-(len(p) + max_new_tokens) // PAGE_TOKENS) for p in prompts) + 1
     room = int(CACHE_SHARE * free_memory_bytes(next(model.parameters()).device) // bytes_per_block)
     return ContinuousBatchingConfig(page_size=PAGE_TOKENS, num_blocks=max(1, min(wanted, room)),
                                     max_batch_tokens=MAX_BATCH_TOKENS)

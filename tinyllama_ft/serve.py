@@ -28,6 +28,7 @@ import copy
 import logging
 from pathlib import Path
 
+from .batching import serving_cache_config
 from .encoding import encode_prompt
 from .errors import UserError
 from .saved_model import context_length, load_saved, saved_system_prompt
@@ -143,7 +144,8 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, con
             return config
 
     manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
-    state = GenerationState(continuous_batching=continuous_batching)
+    state = GenerationState(continuous_batching=continuous_batching,
+                            cb_config=serving_cache_config(model) if continuous_batching else None)
     return build_server(manager, ChatCompletions(manager, state), completion_handler=CompletionHandler(manager, state),
                         response_handler=ResponseHandler(manager, state),
                         transcription_handler=TranscriptionHandler(manager, state),
