@@ -133,8 +133,10 @@ def activation_bytes(model, batch: dict) -> int | None:
 
     was_training = model.training
     model.train()
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    cuda = [batch["input_ids"].device.index or 0] if batch["input_ids"].device.type == "cuda" else []
+    try:  # the random state is put back: dropout here must not change the masks training then draws
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             output = decoder(**batch, use_cache=False)
         del output
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
