@@ -19,9 +19,10 @@ from .modeling import is_model_folder, load_model, load_tokenizer
 
 
 def load_saved(folder: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) in eval mode from a run folder (the base model plus the saved LoRA adapter)
-    or from a merged export (a plain `AutoModelForCausalLM` folder, `python -m tinyllama_ft export`).
-    `device` and `dtype` default to `inference_device_and_dtype`'s choice."""
+    """(model, tokenizer) in eval mode from a run folder or one of its `checkpoint-N` folders (the base
+    model plus the saved LoRA adapter) or from a merged export (a plain `AutoModelForCausalLM` folder,
+    `python -m tinyllama_ft export`). `device` and `dtype` default to `inference_device_and_dtype`'s
+    choice. The run's system prompt is `saved_system_prompt(folder)`."""
     path = Path(folder)
     check_saved_folder(path)
     device, dtype = inference_device_and_dtype(device, dtype)
