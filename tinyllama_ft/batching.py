@@ -65,9 +65,9 @@ def cache_config(model, prompts: list[list[int]], max_new_tokens: int):
 def serving_cache_config(model, concurrent: int = 8):
     """The server's cache: room for `concurrent` conversations of the model's whole context at once, at most
     CACHE_SHARE of the free memory (more requests wait their turn)."""
-    from .saved_model import context_length
-
-    return _sized(model, concurrent * -(-context_length(model) // PAGE_TOKENS))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    context = inner.config.get_text_config().max_position_embeddings
+    return _sized(model, concurrent * -(-context // PAGE_TOKENS))
 
 
 def _sized(model, wanted: int):

@@ -19,8 +19,11 @@ import yaml
 from trl import SFTConfig, TrlParser
 
 from .errors import UserError
+from .memory import checkpointing_value
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
+RESUME_NEWEST = ("true", "yes", "1")  # --resume_from_checkpoint values that mean "the newest checkpoint"
+RESUME_OFF = ("false", "no", "0", "", "none")  # ... and those that mean "start from the beginning"
 SAMPLE_DATA = str(Path(__file__).parent / "samples" / "sample.jsonl")
 
 PRESETS: dict[str, dict] = {
@@ -192,7 +195,7 @@ class Config(SFTConfig):
         self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
         # `gradient_checkpointing` is the name the seed and TRL users know; transformers 5 calls it
         # `activation_checkpointing` and reads the old name only when the new one is unset.
-        self.gradient_checkpointing = _checkpointing_value(self.gradient_checkpointing)
+        self.gradient_checkpointing = checkpointing_value(self.gradient_checkpointing)
         if self.activation_checkpointing is None:  # "auto" stays until build_trainer has measured (memory.py)
             self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
@@ -229,7 +232,7 @@ class Config(SFTConfig):
         if self.lora_alpha > 64 * self.lora_r:
             raise UserError(f"lora_alpha {self.lora_alpha} is over 64 x lora_r {self.lora_r}: the adapter's scale "
                             "alpha / r would blow up the update; the usual lora_alpha is r or 2 r")
-        if self.overwrite_output_dir and str(self.resume_from_checkpoint).lower() not in ("none", "false", "no", "0", ""):
+        if self.overwrite_output_dir and wants_resume(self.resume_from_checkpoint):
             raise UserError("--overwrite_output_dir true and --resume_from_checkpoint contradict each other: pass "
                             "one of them (overwrite starts over, resume continues)")
         if self.num_generate > self.test_size:
@@ -243,16 +246,9 @@ class Config(SFTConfig):
         return json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
-def _checkpointing_value(value) -> bool | str:
-    """True, False or "auto", from a bool or its spellings (YAML, the command line, the notebook)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise UserError(f"gradient_checkpointing must be auto, true or false, got {value!r}")
+def wants_resume(value) -> bool:
+    """Whether `--resume_from_checkpoint` asks to continue: a checkpoint path, or one of `RESUME_NEWEST`."""
+    return value is not None and str(value).lower() not in RESUME_OFF
 
 
 def _require_cuda_and(flag: str, module: str, package: str) -> None:

@@ -118,8 +118,11 @@ def _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, ba
             results[index] = decode_answer(tokenizer, output[row, width:].tolist())
 
 
-def decode_answer(tokenizer, new: list[int]) -> dict:
-    """The text up to the first EOS, whether there was one, and how many tokens were generated (EOS included)."""
-    ended = tokenizer.eos_token_id in new
-    new = new[: new.index(tokenizer.eos_token_id)] if ended else new
-    return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "ended": ended, "tokens": len(new) + ended}
+def decode_answer(tokenizer, new_ids: list[int]) -> dict:
+    """The answer in the ids a model generated: cut at the first EOS and decoded without special tokens,
+    stripped (`text`); whether the model emitted that EOS itself (`ended`); how many ids it generated, the
+    EOS included (`tokens`). `generate`, evaluation and `chat` all read answers this way."""
+    ended = tokenizer.eos_token_id in new_ids
+    kept = new_ids[: new_ids.index(tokenizer.eos_token_id)] if ended else new_ids
+    return {"text": tokenizer.decode(kept, skip_special_tokens=True).strip(), "ended": ended,
+            "tokens": len(kept) + ended}

@@ -23,9 +23,23 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 MARGIN = 0.5  # the saved activations may take at most this share of the free memory
+
+
+def checkpointing_value(value) -> bool | str:
+    """True, False or "auto", from a bool or its spellings (YAML, the command line, the notebook)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise UserError(f"gradient_checkpointing must be auto, true or false, got {value!r}")
 
 
 def checkpointing_needed(activation_bytes: int | None, free_bytes: int) -> bool:
@@ -118,10 +132,8 @@ def worst_case_batch(rows: list[dict], padding_free: bool, pad_token_id: int, de
 def activation_bytes(model, batch: dict) -> int | None:
     """Bytes autograd saves for backward in one training-mode forward of the decoder on `batch`, without
     checkpointing (each storage counted once, parameters excluded); None if the forward ran out of memory."""
-    from .evaluate import decoder_and_head
-
-    split = decoder_and_head(model)
-    decoder = split[0] if split is not None else model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT-wrapped or not
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else model  # without the LM head
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
