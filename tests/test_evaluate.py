@@ -129,8 +129,9 @@ def test_merged_generation_in_big_batches_gives_the_same_texts_and_restores_the_
 @pytest.mark.parametrize("adapters", ["on", "off"])
 def test_continuous_batching_gives_the_greedy_tokens_of_static_batches(stories, adapters):
     """The default (continuous batching: finished answers leave the batch) against `model.generate` in static
-    batches, on the real pretrained stories260k, which ends some answers itself within the budget and runs
-    others to it; the model is given back with its attention kernel and weights as they were."""
+    batches, on the real pretrained stories260k (its answers run to the budget here: answers that end early are
+    exercised by benchmarks/eval_paths.py's forced stops, test below); the model is given back with its
+    attention kernel and weights as they were."""
     model, tokenizer, _, _, rows = stories
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     attention = model.get_base_model().config._attn_implementation
@@ -139,8 +140,7 @@ def test_continuous_batching_gives_the_greedy_tokens_of_static_batches(stories, 
         static = generate(model, tokenizer, instructions, contexts, max_new_tokens=40, batch_size=8,
                           batching="static", progress=False)
         continuous = generate(model, tokenizer, instructions, contexts, max_new_tokens=40, progress=False)
-    assert continuous == static  # texts, ended and token counts
-    assert 0 < sum(g["ended"] for g in static) < len(static)  # some answers stop early, some run to the budget
+    assert continuous == static and all(g["text"] for g in static)  # texts, ended and token counts
     assert model.get_base_model().config._attn_implementation == attention
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
