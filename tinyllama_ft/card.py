@@ -38,6 +38,10 @@ def write_card(folder: str | Path, run_config: dict, metrics: dict, tokenizer, m
 
 
 def render_card(run_config: dict, metrics: dict, tokenizer, merged_to: str | None = None) -> str:
+    if run_config.get("stage") == "dpo":  # a DPO run describes both of its stages
+        from .dpo_card import render_dpo_card
+
+        return render_dpo_card(run_config, metrics, tokenizer, merged_to)
     run_dir = str(run_config.get("output_dir", "runs/model"))
     merged = merged_to is not None
     name = Path(merged_to if merged else run_dir).name
