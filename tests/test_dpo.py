@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, asset
 from runs import cli, stories_run
-from tinyllama_ft.data import encode_example, encode_prompt, format_user_turn
+from tinyllama_ft.encoding import encode_example, encode_prompt
+from tinyllama_ft.formats import format_user_turn
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.preference_data import (degrade_first_half, encode_pair, encode_pairs, load_pairs,
                                           pair_examples, pairs_from_dolly, to_pair)
@@ -146,7 +147,7 @@ def learnable_pairs() -> Path:
 
 
 def dpo_args(out, *extra):
-    return ["dpo", "--adapter", stories_run(), "--dataset_name", learnable_pairs(), "--dataset_split", "train",
+    return ["dpo", "--adapter", stories_run(), "--dataset_name", learnable_pairs(),
             "--output_dir", out, "--train_size", TRAIN_PAIRS, "--eval_size", HELD_OUT, "--max_length", 512,
             "--max_steps", STEPS, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 1,
             "--learning_rate", "3e-3", "--logging_steps", 10, "--save_steps", SAVE, "--gradient_checkpointing", "false",
@@ -314,13 +315,13 @@ def test_bad_inputs_are_one_line_each(tmp_path, dolly_path):
     cli("export", "--adapter", sft, "--out", merged)
     empty = tmp_path / "empty"
     empty.mkdir()
-    pairs = ["--dataset_name", str(SAMPLE_PAIRS), "--dataset_split", "train", "--output_dir", str(tmp_path / "o")]
+    pairs = ["--dataset_name", str(SAMPLE_PAIRS), "--output_dir", str(tmp_path / "o")]
     cases = {
         "needs --adapter RUN": ["dpo"],
-        "has no adapter_config.json": ["dpo", "--adapter", empty, *pairs],
-        "holds a full (merged) model": ["dpo", "--adapter", merged, *pairs],
+        "not a run folder (no adapter_config.json)": ["dpo", "--adapter", empty, *pairs],
+        "is a merged export": ["dpo", "--adapter", merged, *pairs],
         "is a file": ["dpo", "--adapter", SAMPLE_PAIRS, *pairs],
-        "holds SFT rows": ["dpo", "--adapter", sft, "--dataset_name", dolly_path, "--dataset_split", "train",
+        "holds SFT rows": ["dpo", "--adapter", sft, "--dataset_name", dolly_path,
                            "--output_dir", tmp_path / "o"],
         "is the SFT run itself": ["dpo", "--adapter", sft, "--output_dir", sft],
         "beta must be > 0": ["dpo", "--adapter", sft, "--beta", "0", *pairs],

@@ -106,7 +106,7 @@ def cmd_train(args: list[str]) -> None:
 
 
 def cmd_dpo(args: list[str]) -> None:
-    from .artifacts import restart_hint
+    from .run_folder import restart_hint
     from .dpo import parse_dpo_config, train_dpo
 
     config = parse_dpo_config(args)

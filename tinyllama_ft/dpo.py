@@ -36,7 +36,7 @@ SAMPLE_PAIRS = str(Path(__file__).parent / "samples" / "sample_pairs.jsonl")
 
 DPO_PRESETS: dict[str, dict] = {
     # Continues the SFT smoke run (`train --preset smoke`, runs/smoke) on the bundled pairs, offline, in seconds.
-    "smoke": dict(adapter="runs/smoke", dataset_name=SAMPLE_PAIRS, dataset_split="train", output_dir="runs/smoke-dpo",
+    "smoke": dict(adapter="runs/smoke", dataset_name=SAMPLE_PAIRS, output_dir="runs/smoke-dpo",
                   train_size=24, eval_size=8, num_generate=4, max_new_tokens=16, max_length=256, max_steps=6,
                   per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3, logging_steps=1,
                   save_steps=3, gradient_checkpointing=False, precision="fp32"),
@@ -58,8 +58,9 @@ class DpoConfig(DPOConfig):
                   "orca_dpo_pairs (MIT): GPT-4 answers chosen over weaker ones on varied instructions, short enough "
                   "for a 1.1B chat model; not UltraFeedback, on which TinyLlama-Chat was already DPO-tuned."})
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration (subset) of a hub dataset."})
-    dataset_split: str = field(default="train_prefs", metadata={"help": "Split to read pairs from (train and held-out "
-                                                                        "pairs are both drawn from it)."})
+    dataset_split: str | None = field(
+        default=None, metadata={"help": "Split of a hub dataset to read pairs from (train and held-out pairs are both "
+                                "drawn from it). Default: train_prefs for the default dataset, else train."})
     columns: dict[str, str] | str | None = field(
         default=None, metadata={"help": "Rename columns to ours: prompt=question,chosen=better,rejected=worse "
                                 "(names: prompt, chosen, rejected, system, category)."})
@@ -134,7 +135,7 @@ class DpoConfig(DPOConfig):
             raise UserError("dpo needs --adapter RUN: the folder of a finished SFT run (python -m tinyllama_ft train)")
         self.columns = parse_pair_columns(self.columns) or None
         self.system_prompt = (self.system_prompt or "").strip() or None
-        self.dataset_split = self.dataset_split or "train"
+        self.dataset_split = self.dataset_split or ("train_prefs" if self.dataset_name == DEFAULT_PAIRS else "train")
         positive = ["beta", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "train_size", "max_new_tokens", "logging_steps", "save_steps"]
         for name in positive:
@@ -206,10 +207,15 @@ class _Parser(TrlParser):
 def check_sft_run(folder: str) -> dict:
     """The SFT run's `run_config.json`, after checking that `folder` is a finished SFT run folder:
     one line naming the problem otherwise (a file, a merged export, a checkpoint, a DPO run, ...)."""
-    from .artifacts import check_adapter_dir
+    from .modeling import is_model_folder
+    from .saved_model import check_saved_folder
 
     path = Path(folder)
-    check_adapter_dir(path)
+    if path.is_dir() and not (path / "adapter_config.json").is_file():
+        what = "a merged export (a full model)" if is_model_folder(path) else "not a run folder (no adapter_config.json)"
+        raise UserError(f"--adapter {folder} is {what}: pass the SFT run folder (the output_dir of `train`)"
+                        + (" it was exported from" if is_model_folder(path) else ""))
+    check_saved_folder(path)
     if (path / "trainer_state.json").is_file():
         raise UserError(f"{folder} is a checkpoint of a run, not a finished run: pass the run folder that holds it "
                         "(finish it with --resume_from_checkpoint true)")
@@ -299,7 +305,7 @@ def build_dpo_trainer(config: DpoConfig, model, tokenizer, pairs) -> DpoTrainer:
 
 def train_dpo(config: DpoConfig) -> dict:
     """The whole DPO stage; writes `config.output_dir` and returns its metrics."""
-    from .artifacts import check_output_dir, save_run
+    from .run_folder import check_output_dir, save_run
     from .modeling import load_tokenizer
     from .preference_data import prepare_pairs
     from .preference_eval import evaluate_stage, load_sft_validation, summarize_dpo

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from trl.data_utils import extract_prompt
 
-from .data import (IGNORE_INDEX, _read_file, _read_hub, clean_messages, encode_example, exclusion_counts,
-                   rename_columns, split_rows, with_system_prompt)
+from .data import exclusion_counts, split_rows
+from .encoding import IGNORE_INDEX, encode_example
+from .formats import _read_file, _read_hub, clean_messages, format_user_turn, rename_columns, with_system_prompt
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -276,8 +277,6 @@ def pairs_from_dolly(rows: list[dict], seed: int = 0) -> list[dict]:
     """Preference pairs from Dolly rows (TRL's conversational explicit-prompt format): the reference
     response chosen, and rejected either its first half (even rows) or another row's response (odd
     rows). What `tinyllama_ft/samples/sample_pairs.jsonl` was made with."""
-    from .data import format_user_turn
-
     rng = random.Random(seed)
     out = []
     for index, row in enumerate(rows):

@@ -94,7 +94,7 @@ def load_sft_validation(config, sft_run_config: dict, tokenizer):
     """The SFT run's data rebuilt from its `run_config.json` (its validation rows and generate rows, at
     most `config.num_generate` of those), checked against its `split.json` so the rows are its own."""
     from .config import parse_config
-    from .train import prepare_data
+    from .data import prepare_data
 
     fields = {k: sft_run_config[k] for k in SFT_DATA_FIELDS if sft_run_config.get(k) is not None}
     sft_config = parse_config(**fields, per_device_eval_batch_size=config.per_device_eval_batch_size,
@@ -114,7 +114,7 @@ def load_sft_validation(config, sft_run_config: dict, tokenizer):
 
 def evaluate_stage(config, model, tokenizer, pairs, sft_data=None) -> dict:
     """Everything measured at one point (before or after DPO): the held-out pairs, and the SFT rows."""
-    from .train import evaluate_model
+    from .evaluate import evaluate_model
 
     result = {"pairs": evaluate_pairs(model, pairs.examples("validation"), tokenizer.pad_token_id, config.beta,
                                       config.per_device_eval_batch_size)}
