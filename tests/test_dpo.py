@@ -52,6 +52,16 @@ def test_implicit_string_prompt_and_system_column():
     assert (pair["chosen"], pair["rejected"]) == ("red", "blue")
 
 
+def test_columns_map_intel_orca_pairs(tmp_path):
+    path = tmp_path / "intel.jsonl"  # Intel/orca_dpo_pairs' columns
+    path.write_text(json.dumps({"system": "You are helpful.", "question": "Name a primary colour.", "chosen": "Red.",
+                                "rejected": "Blue is nice"}) + "\n", encoding="utf-8")
+    (row,) = load_pairs(str(path), columns={"prompt": "question"})
+    assert to_pair(row)["prompt"] == [{"role": "system", "content": "You are helpful."}, *USER]
+    with pytest.raises(UserError, match="has no column 'prompt_text'"):
+        load_pairs(str(path), columns={"prompt": "prompt_text"})
+
+
 def test_unusable_pairs_are_refused_by_reason_and_counted(tinyllama_tokenizer):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"},
             {"prompt": "p", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "  "},
@@ -171,7 +181,7 @@ def dpo_run() -> dict:
 
 @lru_cache(maxsize=None)
 def precomputed_run() -> dict:
-    return measured(_TMP / "dpo-precomputed", "--precompute_ref_log_probs", "true", "--alignment_eval", "false")
+    return measured(_TMP / "dpo-precomputed", "--precompute_ref_log_probs", "true")
 
 
 def metrics_of(out) -> dict:
@@ -263,7 +273,7 @@ def test_reference_strategies_side_by_side_same_adapter_and_peak_memory():
 @pytest.mark.slow
 def test_a_killed_dpo_run_resumes_to_the_same_adapter(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "paused"
-    args = [str(a) for a in dpo_args(out, "--alignment_eval", "false")]
+    args = [str(a) for a in dpo_args(out)]
     process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "pause_probe.py"), f"step-{SAVE + 1}", str(marker),
                                 *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -297,6 +307,20 @@ def test_generate_and_merged_export_work_on_the_dpo_run(tmp_path):
     assert "two stages" in (merged / "README.md").read_text()
     generator = pipeline("text-generation", model=str(merged), device="cpu")
     assert generator([{"role": "user", "content": "Tell me a story."}], max_new_tokens=4, do_sample=False)
+    gguf = tmp_path / "gguf"
+    cli("export", "--adapter", out, "--out", gguf, "--format", "gguf")
+    (path,) = gguf.glob("*.gguf")
+    from transformers import AutoModelForCausalLM
+
+    from tinyllama_ft.saved_model import load_merged
+
+    hf, tok = load_merged(str(out))
+    gg = AutoModelForCausalLM.from_pretrained(str(gguf), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "Tell me a story."}])])
+    from test_gguf import fp16_rounded
+
+    with torch.no_grad():  # the DPO model's weights, exactly, up to their f16 storage (as tests/test_gguf.py)
+        assert (fp16_rounded(hf)(ids).logits - gg(ids).logits).abs().max() < 1e-4
 
 
 # --- bad inputs: one line each -----------------------------------------------------------------------
