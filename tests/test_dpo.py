@@ -296,11 +296,12 @@ def test_a_killed_dpo_run_resumes_to_the_same_adapter(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_and_merged_export_work_on_the_dpo_run(tmp_path):
+def test_generate_chat_and_exports_work_on_the_dpo_run(tmp_path):
     from transformers import pipeline
 
     out = dpo_run()["out"]
     assert cli("generate", "--adapter", out, "--instruction", "Tell me a story.", "--max_new_tokens", 8).stdout.strip()
+    assert cli("chat", "--adapter", out, "--max_new_tokens", 4, input="Tell me a story.\n/exit\n").returncode == 0
     merged = tmp_path / "merged"
     cli("export", "--adapter", out, "--out", merged)
     assert json.loads((merged / "run_config.json").read_text())["stage"] == "dpo"

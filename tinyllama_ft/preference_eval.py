@@ -136,7 +136,9 @@ def summarize_dpo(before: dict, after: dict, train_metrics: dict, model, pairs) 
         return stage["pairs"] | rows
 
     metrics = flat(after) | {f"sft_{k}": v for k, v in flat(before).items()} | train_metrics
-    metrics["trainable_parameters"], metrics["total_parameters"] = count_parameters(model)
+    trainable, total = count_parameters(model)
+    frozen_copy = sum(p.numel() for name, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in name)
+    metrics["trainable_parameters"], metrics["total_parameters"] = trainable, total - frozen_copy  # as SFT counts
     metrics["rows"] = {part: len(idx) for part, idx in pairs.split.items()} | {"excluded": len(pairs.excluded)}
     metrics["excluded_by_reason"] = pairs.stats()["excluded_by_reason"]
     return metrics
