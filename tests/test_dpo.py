@@ -326,15 +326,20 @@ def test_generate_chat_and_exports_work_on_the_dpo_run(tmp_path):
 
 # --- bad inputs: one line each -----------------------------------------------------------------------
 
-def one_line_error(*args) -> str:
-    result = cli(*args, check=False)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+def one_line_error(capsys, *args) -> str:
+    """The command line in this process (each case fails before any model loads): exit 2, one line on stderr."""
+    from tinyllama_ft.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
     return lines[0]
 
 
 @pytest.mark.slow
-def test_bad_inputs_are_one_line_each(tmp_path, dolly_path):
+def test_bad_inputs_are_one_line_each(tmp_path, dolly_path, capsys):
     sft = stories_run()
     merged = tmp_path / "merged"
     cli("export", "--adapter", sft, "--out", merged)
@@ -356,4 +361,4 @@ def test_bad_inputs_are_one_line_each(tmp_path, dolly_path):
         "raise max_length": ["dpo", "--adapter", sft, *pairs, "--max_length", 16, "--train_size", 4, "--eval_size", 2],
     }
     for expected, args in cases.items():
-        assert expected in one_line_error(*args), expected
+        assert expected in one_line_error(capsys, *args), expected
