@@ -201,7 +201,7 @@ def test_dpo_learns_the_preference_and_reports_what_it_cost():
     assert metrics["preference_accuracy"] > metrics["sft_preference_accuracy"]
     assert metrics["sft_reward_accuracy"] == 0 and metrics["sft_reward_margin"] == 0  # the policy is its reference
     sft = metrics_of(stories_run())
-    assert metrics["sft_eval_loss"] == pytest.approx(sft["eval_loss"], abs=1e-9)  # the SFT run's own rows
+    assert metrics["sft_eval_loss"] == pytest.approx(sft["eval_loss"], abs=1e-7)  # the SFT run's own rows (other batching)
     assert all(k in metrics for k in ("eval_loss", "eos_logprob", "eos_rate", "chosen_logprob", "rejected_logprob"))
 
 
