@@ -214,7 +214,6 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     model, tokenizer = load_for_inference(adapter_dir, device="cpu", dtype=torch.float32)
     merged = model.merge_and_unload()
     tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".merging-"))
-    merged.generation_config.eos_token_id = tokenizer.eos_token_id
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if (Path(adapter_dir) / "run_config.json").is_file():  # the system prompt travels with the model
@@ -253,6 +252,17 @@ def saved_system_prompt(run_dir: str) -> str | None:
                         "--system_prompt") from None
 
 
+DEFAULT_MAX_NEW_TOKENS = 256  # generate's and chat's default answer budget
+
+
 def _fix_generation_config(model, tokenizer) -> None:
+    """The model's own generation settings, which a merged export saves as `generation_config.json`: greedy
+    (as `generate` answers), stopping at the tokenizer's EOS, `DEFAULT_MAX_NEW_TOKENS` new tokens. So
+    `pipeline("text-generation")` with no generation arguments answers as `generate` does, not with its
+    sampling defaults (temperature 0.7), and `model.generate(ids)` stops at EOS, not at 20 tokens."""
     config = model.generation_config
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.do_sample, config.num_beams, config.max_new_tokens = False, 1, DEFAULT_MAX_NEW_TOKENS
+    config.temperature = config.top_p = config.top_k = None  # sampling settings of the base would only warn
+    config.max_length = None  # a base's max_length (TinyLlama-Chat's 2048) would cap nothing max_new_tokens does not

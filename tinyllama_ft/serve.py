@@ -25,6 +25,7 @@ generation config's EOS).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -81,6 +82,30 @@ def check_prompt_ids(served, tokenizer) -> None:
                             "serve a run of this project or its merged export")
 
 
+def requested_max_new_tokens(body: dict) -> int | None:
+    """The answer budget a request sets itself, in whichever field carries it: OpenAI's `max_completion_tokens`
+    or `max_tokens`, or the `max_new_tokens` of its transformers `generation_config` (JSON text or an object)."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        if body.get(key) is not None:
+            return body[key]
+    config = body.get("generation_config")
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return None  # transformers answers the malformed JSON itself
+    return config.get("max_new_tokens") if isinstance(config, dict) else None
+
+
+def merged_generation_config(request_config, model_config) -> str:
+    """The request's generation settings over the model's: what the request sets wins, the rest (EOS, pad,
+    greedy decoding) stays the model's. JSON text, as transformers' server reads the field."""
+    settings = json.loads(request_config) if isinstance(request_config, str) else dict(request_config)
+    base = model_config.to_diff_dict()
+    base.pop("transformers_version", None)
+    return json.dumps({**base, **settings})
+
+
 def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
     """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`; requests without
     a system message get `system_prompt` (the run's own) first, as training formatted its rows."""
@@ -130,15 +155,23 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
                 if room < 1:
                     raise HTTPException(status_code=400, detail=f"the conversation is {len(prompt)} tokens, the "
                                         f"model's context {context_length(model)}: drop its oldest turns")
-                if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+                if requested_max_new_tokens(body) is None:
                     body["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
             return await super().handle_request(body, request_id)
 
         def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
+            """transformers' config for the request, where the request's own `generation_config` (what
+            `transformers chat` sends) is laid over the model's (its EOS, greedy) instead of replacing it."""
+            if body.get("generation_config") is not None:
+                body = {**body, "generation_config": merged_generation_config(body["generation_config"],
+                                                                              model_generation_config)}
             config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
             if body.get("generation_config") is None and float(body.get("temperature") or 0) > 0:
                 config.do_sample = True  # transformers keeps the model's do_sample (False): greedy at any temperature
             return config
+
+        def _build_completion(self, request_id, content, *args, **kwargs):
+            return super()._build_completion(request_id, content.strip(), *args, **kwargs)  # as generate's text
 
     manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
     state = GenerationState()
