@@ -1,0 +1,146 @@
+"""The run folder's life: check `output_dir` before anything loads, resume from its checkpoints, clear
+staging leftovers, save the finished run into it (atomically, `metrics.json` last), and say what to type
+after a stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from .card import write_card
+from .errors import UserError
+from .files import write_json
+from .modeling import is_model_folder
+
+log = logging.getLogger(__name__)
+
+
+def check_output_dir(config) -> None:
+    """Decide, before anything loads, what `config.output_dir` holds and whether this run may use it.
+
+    * nothing, or nothing to lose (no complete checkpoint: a run stopped before its first one, a
+      notebook's plots, staging leftovers): start; leftovers of a stopped save are removed;
+    * a finished run (`metrics.json`): refuse, unless `--overwrite_output_dir true`;
+    * complete checkpoints of an unfinished run: refuse, unless `--resume_from_checkpoint true`
+      (continue) or `--overwrite_output_dir true` (start over: the old checkpoints are removed)."""
+    path = Path(config.output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output_dir {path} is a file, not a folder: pass a folder path (it is created)")
+    resume = resume_path(config)  # an explicit checkpoint that is not one fails now, not after the model loads
+    if not path.is_dir():
+        _log_fresh_start(config, path)
+        return
+    if is_model_folder(path):
+        raise UserError(f"--output_dir {path} holds a model (config.json and model weights), not a run: pass "
+                        "another --output_dir")
+    if (path / "metrics.json").exists() and not config.overwrite_output_dir:
+        raise UserError(f"{path} already holds a finished run: pass --overwrite_output_dir true or another "
+                        "--output_dir")
+    if config.overwrite_output_dir:
+        remove_run_state(path)
+    elif resume is None and get_last_checkpoint(str(path)) is not None:
+        raise UserError(f"{path} holds checkpoints of an unfinished run: pass --resume_from_checkpoint true to "
+                        "continue it, or --overwrite_output_dir true to start over")
+    remove_staging(path)
+    if resume is None:
+        _log_fresh_start(config, path)
+
+
+def _log_fresh_start(config, path: Path) -> None:
+    if _wants_resume(config.resume_from_checkpoint) and str(config.resume_from_checkpoint).lower() in TRUE:
+        log.info("no checkpoint in %s yet: starting from the beginning", path)
+
+
+def remove_staging(path: Path) -> None:
+    """Remove what a stopped save leaves (`.tmp-checkpoint-N`, `.tmp-final`): never part of a run.
+    Only the main process removes, so that no process deletes what another is writing."""
+    if not _main_process():
+        return
+    for leftover in path.glob(".tmp-*"):
+        log.info("removing %s, left by a save that did not finish", leftover)
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def remove_run_state(path: Path) -> None:
+    """`--overwrite_output_dir true`: the old run's `metrics.json` and checkpoints go first, so the
+    folder never looks finished, nor resumable, with another run's state."""
+    if not _main_process():
+        return
+    (path / "metrics.json").unlink(missing_ok=True)
+    for checkpoint in path.glob("checkpoint-*"):
+        if checkpoint.is_dir():
+            shutil.rmtree(checkpoint)
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+TRUE = ("true", "yes", "1")
+
+
+def _wants_resume(value) -> bool:
+    return value is not None and str(value).lower() not in ("false", "no", "0", "", "none")
+
+
+def resume_path(args) -> str | None:
+    """`--resume_from_checkpoint true` means the newest complete checkpoint in `output_dir`, or None
+    (start from the beginning) when there is none yet; a path must be a checkpoint folder."""
+    value = args.resume_from_checkpoint
+    if not _wants_resume(value):
+        return None
+    if str(value).lower() not in TRUE:
+        path = Path(value)
+        if not path.exists():
+            raise UserError(f"checkpoint {value} does not exist: pass a checkpoint-N folder or true")
+        if not (path / "trainer_state.json").is_file():
+            raise UserError(f"{value} is not a checkpoint (no trainer_state.json): pass a checkpoint-N folder "
+                            "of a run, or true for the newest one in --output_dir")
+        return str(value)
+    return get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+
+
+def restart_hint(config) -> str:
+    """What to type after a stop: resume where a complete checkpoint exists, else the same command."""
+    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    if last is not None:
+        return f"run the same command with --resume_from_checkpoint true to continue from {Path(last).name}"
+    return "no checkpoint was written yet: run the same command again"
+
+
+def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: list, generations: dict,
+             trainer=None) -> Path:
+    """Adapter, tokenizer (with chat template), resolved config, split, log history, generations and
+    metrics into `config.output_dir`. Files are written to a hidden folder inside it and moved in,
+    `metrics.json` last, so a folder with `metrics.json` is always complete.
+
+    With `trainer`, the adapter is written by `trainer.save_model`, which gathers adapters that
+    FSDP or DeepSpeed ZeRO-3 shard: then call this on every process; only the main one writes."""
+    out = Path(config.output_dir)
+    staging = out / ".tmp-final"
+    if trainer is not None:
+        trainer.save_model(str(staging))  # a collective under ZeRO-3 / FSDP
+        if not trainer.is_world_process_zero():
+            return out
+    else:
+        model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_config.json says the same
+    tokenizer.save_pretrained(staging)
+    for name, data in (("run_config.json", json.loads(config.to_json())), ("split.json", split),
+                       ("log_history.json", log_history), ("generations.json", generations),
+                       ("metrics.json", metrics)):
+        write_json(staging / name, data)
+    write_card(staging, json.loads(config.to_json()), metrics, tokenizer)  # replaces PEFT's empty template
+    for name in sorted(os.listdir(staging), key=lambda n: n == "metrics.json"):
+        if (staging / name).is_file():
+            os.chmod(staging / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        os.replace(staging / name, out / name)
+    staging.rmdir()
+    return out
