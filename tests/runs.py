@@ -67,7 +67,7 @@ def consumer_prompts() -> tuple:
     import json
 
     from tinyllama_ft import encode_prompt, load_tokenizer, to_example
-    from tinyllama_ft.data import find_special_text
+    from tinyllama_ft.encoding import find_special_text
 
     tokenizer = load_tokenizer(str(asset("stories260k")))
     rows = [json.loads(line) for line in open(asset("dolly/dolly-sample-1109.jsonl"), encoding="utf-8")]
