@@ -42,22 +42,9 @@ def smoke_run() -> Path:
     return out
 
 
-# --- issue 18: one run whose greedy answers partly stop at EOS, exported once, for every consumer -------------
+# --- issue 18: the shared run exported once, for every consumer --------------------------------------------------
 
-ANSWER_TOKENS = 48  # new tokens per greedy answer in the consumer tests
-
-
-@functools.lru_cache(maxsize=None)
-def consumer_run() -> Path:
-    """stories260k fine-tuned 60 steps on 192 real Dolly rows: long enough that some greedy answers end with
-    EOS within ANSWER_TOKENS (tests/test_consumers.py shows how many)."""
-    out = _TMP / "consumer"
-    cli("train", "--model_name_or_path", asset("stories260k"), "--dataset_name", asset("dolly/dolly-sample-1109.jsonl"),
-        "--output_dir", out, "--max_length", 256, "--train_size", 192, "--eval_size", 16, "--test_size", 16,
-        "--num_generate", 0, "--max_steps", 60, "--gradient_checkpointing", "false", "--per_device_train_batch_size", 8,
-        "--gradient_accumulation_steps", 1, "--learning_rate", "3e-3", "--logging_steps", 20, "--eval_steps", 1000,
-        "--save_steps", 1000, "--precision", "fp32", "--lora_r", 8, "--lora_alpha", 16)
-    return out
+ANSWER_TOKENS = 32  # new tokens per greedy answer in the consumer tests
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,14 +69,14 @@ def consumer_prompts() -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def consumer_exports() -> dict:
-    """The consumer run exported through the command line as a merged model and as an f16 GGUF (+ Modelfile),
-    with `generate`'s greedy answers to consumer_prompts() on the run folder: what every consumer must answer."""
+    """stories_run() exported through the command line as a merged model and as an f16 GGUF (+ Modelfile), with
+    `generate`'s greedy answers to consumer_prompts() on the run folder: what every consumer must answer."""
     from tinyllama_ft import generate, load_for_inference
 
-    run = consumer_run()
+    run = stories_run()
     cli("export", "--adapter", run, "--out", _TMP / "consumer-merged")
     cli("export", "--adapter", run, "--out", _TMP / "consumer-gguf", "--format", "gguf")
     model, tokenizer = load_for_inference(str(run), device="cpu")
     generated = generate(model, tokenizer, list(consumer_prompts()), max_new_tokens=ANSWER_TOKENS, progress=False)
-    return dict(run=run, merged=_TMP / "consumer-merged", gguf=_TMP / "consumer-gguf" / "consumer-f16.gguf",
+    return dict(run=run, merged=_TMP / "consumer-merged", gguf=_TMP / "consumer-gguf" / f"{run.name}-f16.gguf",
                 model=(model, tokenizer), generated=generated)
