@@ -31,6 +31,7 @@ import torch
 
 from tinyllama_ft import encode_example, encode_prompt, generate, load_tokenizer, to_example
 from tinyllama_ft.encoding import find_special_text
+from tinyllama_ft.generation import decode_answer
 from tinyllama_ft.gguf_export import find_tokenizer_model, modelfile_text, write_gguf
 
 from conftest import ROOT, asset
@@ -181,9 +182,8 @@ def test_pipeline_on_the_merged_export_answers_like_generate_with_no_generation_
     got = []
     for messages in prompts:
         out = pipe(messages, max_new_tokens=ANSWER_TOKENS, return_tensors=True)[0]["generated_token_ids"]
-        new = out[len(encode_prompt(pipe.tokenizer, messages)):]
-        ended = pipe.tokenizer.eos_token_id in new
-        got.append((pipe.tokenizer.decode(new[:new.index(2)] if ended else new, skip_special_tokens=True), ended))
+        answer = decode_answer(pipe.tokenizer, out[len(encode_prompt(pipe.tokenizer, messages)):])  # as generate reads
+        got.append((answer["text"], answer["ended"]))
     default = pipe(prompts[0])[0]["generated_text"][-1]["content"]  # no arguments at all: greedy, the file's budget
     same, stopped = answers_agree(got, expected)
     print(f"pipeline on the merged export: {same}/{len(prompts)} greedy answers equal to generate's "
