@@ -40,6 +40,10 @@ from runs import ANSWER_TOKENS, consumer_exports, consumer_prompts
 SYSTEM = "You are a concise assistant."
 LLAMA_SERVER = Path(os.environ.get("LLAMA_SERVER", ROOT / ".cache" / "llama-server" / "0.3.36" / "llama-server"))
 DOUBLE_BOS = "starts with 2 BOS tokens"
+# The GGUF stores f16 matrices: measured 11/12 greedy answers equal to generate's fp32 ones through both
+# llama-cpp-python paths (the 12th parts at its 4th token, "Rosion" for "Rosie": a near tie rounded the other
+# way; tests/test_gguf.py shows llama.cpp equal to transformers reading the same f16 file, 12/12).
+F16_SLACK = 1
 
 
 # --- shared: conversations, the TinyLlama tokenizer as a merged export saves it, and its GGUF -------------------
@@ -249,7 +253,7 @@ def test_llama_cpp_create_chat_completion_answers_like_generate():
     same, stopped = answers_agree(got, exports["generated"])
     print(f"llama-cpp-python create_chat_completion (f16): {same}/{len(got)} greedy answers equal to generate's "
           f"({stopped} stop at EOS); differing: {[(t, e['text']) for (t, _), e in zip(got, exports['generated']) if t.strip() != e['text']]}")
-    assert same == len(got)
+    assert same >= len(got) - F16_SLACK
 
 
 @pytest.mark.slow
@@ -279,7 +283,7 @@ def test_llama_cpp_server_answers_like_generate_through_the_openai_client(tmp_pa
     same, stopped = answers_agree(got, exports["generated"])
     print(f"python -m llama_cpp.server + openai client: {same}/{len(got)} greedy answers equal to generate's "
           f"({stopped} stop at EOS)")
-    assert same == len(got) and "n_ctx_seq" not in log.read_text()
+    assert same >= len(got) - F16_SLACK and "n_ctx_seq" not in log.read_text()
 
 
 # --- (c) llama.cpp's own llama-server -----------------------------------------------------------------------------
@@ -347,7 +351,7 @@ def test_llama_server_answers_like_generate(tmp_path):
     assert prompt_tokens == [len(encode_prompt(tokenizer, m)) for m in consumer_prompts()]
     same, stopped = answers_agree(got, exports["generated"])
     print(f"llama-server --jinja: {same}/{len(got)} greedy answers equal to generate's ({stopped} stop at EOS)")
-    assert same == len(got) and DOUBLE_BOS not in log.read_text()
+    assert same >= len(got) - F16_SLACK and DOUBLE_BOS not in log.read_text()
 
 
 # --- (d) Ollama's template path ----------------------------------------------------------------------------------
