@@ -4,9 +4,10 @@
 # .cache/llama-server/<version>/ (gitignored); a second call with the same version only prints its path.
 #   scripts/build_llama_server.sh            # builds (2 jobs) if missing, prints the binary's path last
 #   JOBS=4 scripts/build_llama_server.sh     # more parallel compile jobs
-# Measured on a 2-core CPU VM loaded by parallel work: see docs/EXPORT.md.
+# About 1,250 CPU-seconds of compiling (from a partial build on a loaded 2-core VM): see docs/EXPORT.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v cmake >/dev/null || python -m pip install -q cmake  # CMake >= 3.14; the PyPI wheel where there is none
 
 version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"  # keep equal to the llama-cpp-python pin in .ci/run
 out=".cache/llama-server/$version"
@@ -16,7 +17,7 @@ if [[ -x "$out/llama-server" ]]; then
 fi
 
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+trap 'status=$?; [[ $status -ne 0 ]] && tail -n 30 "$work"/*.log >&2; rm -rf "$work"' EXIT
 python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work"
 tar -xzf "$work/llama_cpp_python-$version.tar.gz" -C "$work"
 src="$work/llama_cpp_python-$version/vendor/llama.cpp"
