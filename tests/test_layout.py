@@ -12,8 +12,8 @@ from conftest import ROOT
 PACKAGE = ROOT / "tinyllama_ft"
 # Lowest first: a module may import only the modules listed before it.
 LAYERS = ["errors", "files", "timings", "formats", "memory", "config", "encoding", "data", "preference_data",
-          "modeling", "batching", "tables", "generation", "evaluate", "preference_eval", "card", "run_folder", "train",
-          "saved_model", "dpo", "export", "gguf_export", "chat", "serve",
+          "chat_template", "modeling", "batching", "tables", "generation", "evaluate", "preference_eval", "card",
+          "run_folder", "train", "saved_model", "dpo", "export", "gguf_export", "chat", "serve",
           "plots", "bench", "bench_worker", "cli", "__main__"]
 MAX_LINES = 400
 

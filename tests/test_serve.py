@@ -2,6 +2,7 @@
 included, which `transformers serve` alone omits), refuses special-token text, and answers, streamed
 or not, exactly what `generate` answers; tested through the real command line and a real HTTP client."""
 
+import copy
 import socket
 import subprocess
 import sys
@@ -15,26 +16,24 @@ from tinyllama_ft import encode_prompt, generate, load_for_inference
 from tinyllama_ft.chat import Chat
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.modeling import build_tiny_tokenizer
-from tinyllama_ft.serve import PROBES, check_prompt_ids, served_tokenizer
+from tinyllama_ft.chat_template import PROBES, bos_prefix
+from tinyllama_ft.serve import check_prompt_ids
 
 from conftest import ROOT
 from runs import stories_run
 
 
-def test_the_stock_template_omits_the_bos_and_the_served_tokenizer_gives_encode_prompt(tinyllama_tokenizer):
+def test_transformers_serve_gets_encode_prompts_ids_from_the_saved_template(tinyllama_tokenizer):
     for tokenizer in (tinyllama_tokenizer, build_tiny_tokenizer()):
+        check_prompt_ids(tokenizer)
         for messages in PROBES:
-            stock = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"]
-            assert [tokenizer.bos_token_id, *stock] == encode_prompt(tokenizer, messages)  # what serve alone feeds
-        served = served_tokenizer(tokenizer)
-        for messages in PROBES:
-            fed = served.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                             return_tensors="pt")  # as transformers' ChatCompletionHandler calls it
+            fed = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                return_tensors="pt")  # as transformers' ChatCompletionHandler calls it
             assert fed["input_ids"].tolist() == [encode_prompt(tokenizer, messages)]
-            assert fed["attention_mask"].tolist() == [[1] * fed["input_ids"].shape[1]]
+    stock = copy.deepcopy(tinyllama_tokenizer)  # TinyLlama-Chat's own template: no BOS
+    stock.chat_template = stock.chat_template.removeprefix(bos_prefix(stock))
     with pytest.raises(UserError, match="gives other prompt ids than training"):
-        check_prompt_ids(tinyllama_tokenizer, tinyllama_tokenizer)  # the stock template: no BOS
+        check_prompt_ids(stock)
 
 
 def free_port() -> int:
@@ -74,14 +73,14 @@ def test_serve_answers_like_generate_streamed_and_not(tmp_path):
         messages = [{"role": "user", "content": question}]
 
         reply = client.chat.completions.create(model=run.name, messages=messages, max_tokens=16)
-        assert reply.choices[0].message.content.strip() == expected["text"] and expected["text"]
+        assert reply.choices[0].message.content == expected["text"] and expected["text"]  # stripped as generate's
         assert reply.model == run.name
         assert reply.choices[0].finish_reason == ("stop" if expected["ended"] else "length")
         assert reply.usage.prompt_tokens == len(encode_prompt(tokenizer, messages))
 
         chunks = list(client.chat.completions.create(model=run.name, messages=messages, max_tokens=16, stream=True))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert streamed.strip() == expected["text"] and len(chunks) > 3  # token by token
+        assert streamed == expected["text"] and len(chunks) > 3  # token by token, stripped as generate's
 
         sampled = client.chat.completions.create(model=run.name, messages=messages, max_tokens=16, temperature=1.5,
                                                  seed=1234).choices[0].message.content
