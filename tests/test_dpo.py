@@ -118,24 +118,37 @@ def stock_trl_tokenization(tokenizer, rows):
 
 
 def test_side_by_side_with_trls_stock_dpo_tokenization(tinyllama_tokenizer, dolly_rows):
-    """Every difference, and how many of 295 real rows it hits: TRL drops the BOS from the prompt and
-    trains the newline the chat template writes after </s>, in chosen and rejected, on every row."""
+    """Every difference, and how many of 295 real rows it hits: with the hub's own tokenizer (what stock TRL
+    users load), TRL drops the BOS from the prompt and trains the newline the chat template writes after </s>,
+    in chosen and rejected, on every row. With our saved tokenizer (its template writes the BOS, issue 18) TRL
+    gets the BOS right, and still trains the newline."""
+    from transformers import AutoTokenizer
+
     tok = tinyllama_tokenizer
+    hub_tokenizer = AutoTokenizer.from_pretrained(asset("tinyllama-tokenizer"))
     ours, _, pairs = encode_pairs(tok, pairs_from_dolly(dolly_rows[:300]), max_length=10**6)
     rows = [{k: pairs[i][k] for k in ("prompt", "chosen", "rejected")} for i in sorted(ours)]
     rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
-    stock = stock_trl_tokenization(tok, rows)
     newline = tok.convert_tokens_to_ids("<0x0A>")
-    hits = Counter()
-    for index, theirs in zip(sorted(ours), stock):
-        mine = ours[index]
-        hits["prompt: no BOS"] += theirs["prompt_ids"] == mine["prompt_ids"][1:]
-        for side in ("chosen", "rejected"):
-            hits[f"{side}: newline after </s> trained"] += theirs[f"{side}_ids"] == mine[f"{side}_ids"] + [newline]
-        hits["identical"] += all(theirs[k] == mine[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
-    assert dict(hits) == {"prompt: no BOS": 295, "chosen: newline after </s> trained": 295,
-                          "rejected: newline after </s> trained": 295, "identical": 0}
+
+    def differences(stock) -> dict:
+        hits = Counter()
+        for index, theirs in zip(sorted(ours), stock):
+            mine = ours[index]
+            hits["prompt: no BOS"] += theirs["prompt_ids"] == mine["prompt_ids"][1:]
+            hits["prompt: equal"] += theirs["prompt_ids"] == mine["prompt_ids"]
+            for side in ("chosen", "rejected"):
+                hits[f"{side}: newline after </s> trained"] += theirs[f"{side}_ids"] == mine[f"{side}_ids"] + [newline]
+            hits["identical"] += all(theirs[k] == mine[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        return dict(hits)
+
+    assert differences(stock_trl_tokenization(hub_tokenizer, rows)) == {
+        "prompt: no BOS": 295, "prompt: equal": 0, "chosen: newline after </s> trained": 295,
+        "rejected: newline after </s> trained": 295, "identical": 0}
+    assert differences(stock_trl_tokenization(tok, rows)) == {
+        "prompt: no BOS": 0, "prompt: equal": 295, "chosen: newline after </s> trained": 295,
+        "rejected: newline after </s> trained": 295, "identical": 0}
 
 
 # --- end to end on stories260k -------------------------------------------------------------------
