@@ -32,7 +32,7 @@ commands:
   evaluate  --adapter DIR [--tasks T1,T2,...] [--include_path DIR] [--limit N] [--batch_size B|auto]
             [--apply_chat_template] [--out F.json]
                                                   base vs fine-tuned on lm-eval benchmarks (needs
-                                                  pip install '.[eval]'; default: TinyLlama's EVAL.md set)
+                                                  lm-eval; default: TinyLlama's EVAL.md set)
   bench     --preset cpu|gpu [--eval] [--repeat N] [--out F.json]
                                                   seed configuration vs default, side by side (--eval:
                                                   evaluation, the code before vs today's)
@@ -222,8 +222,8 @@ def cmd_export(args: list[str]) -> None:
 def cmd_evaluate(args: list[str]) -> None:
     """lm-evaluation-harness on the base and the fine-tuned model (`harness.py`; the Dolly evaluation
     that `train` runs is `evaluate.py`)."""
-    from .harness import DEFAULT_TASKS, evaluate_saved, parse_tasks, require_lm_eval, results_path,
-                          update_card, write_results
+    from .harness import (DEFAULT_TASKS, evaluate_saved, parse_tasks, require_lm_eval, results_path, update_card,
+                          write_results)
 
     parser = _parser("evaluate")
     parser.add_argument("--adapter", required=True, help="a run folder, a checkpoint-N folder or a merged export")

@@ -37,8 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TASKS = ("hellaswag", "openbookqa", "winogrande", "arc_challenge", "arc_easy", "boolq", "piqa")
 LOCAL_TASKS = Path(__file__).parent / "samples" / "lm_eval"  # the bundled local task, read offline
 LOCAL_TASK = "dolly_mc"
-LM_EVAL_VERSION = "0.4.13"
-INSTALL = f"pip install '.[eval]' (or pip install lm-eval=={LM_EVAL_VERSION})"
+INSTALL = "pip install 'lm-eval>=0.4.13,<0.5'"
 HEADLINE = ("acc_norm", "acc", "exact_match", "f1")  # the metric a task's bar shows, first one it has
 
 
@@ -105,18 +104,30 @@ def evaluate_saved(folder: str, tasks=DEFAULT_TASKS, include_path: str | None = 
                    dtype=None) -> dict:
     """Base and fine-tuned model of a saved `folder` on `tasks` with the same settings: the results
     dict `write_results` saves (`base`, `tuned`, `difference`, and what was run)."""
-    from .saved_model import load_saved, saved_system_prompt
+    from .saved_model import check_saved_folder, load_saved
+
+    check_saved_folder(Path(folder))
+    manager = task_manager(include_path)
+    load_tasks(list(tasks), manager)
+    model, tokenizer = load_saved(folder, device=device, dtype=dtype)
+    return evaluate_loaded(model, tokenizer, folder, tasks, manager, limit, batch_size, apply_chat_template)
+
+
+def evaluate_loaded(model, tokenizer, folder: str, tasks, manager=None, limit: int | None = None,
+                    batch_size: int | str | None = None, apply_chat_template: bool = False) -> dict:
+    """`evaluate_saved` on a model already loaded from `folder` (`load_saved`), e.g. the notebook's."""
+    from .saved_model import saved_system_prompt
 
     tasks = list(tasks)
-    manager = task_manager(include_path)
-    load_tasks(tasks, manager)
-    model, tokenizer = load_saved(folder, device=device, dtype=dtype)
+    if manager is None:
+        manager = task_manager()
+        load_tasks(tasks, manager)
     batch_size = batch_size or default_batch_size(model)
     system = saved_system_prompt(folder) if apply_chat_template else None
     settings = dict(tasks=tasks, limit=limit, batch_size=batch_size, apply_chat_template=apply_chat_template,
                     system_instruction=system)
     seconds = {}
-    with _base_of(folder, model, device, dtype) as base_model:
+    with _base_of(folder, model) as base_model:
         start = time.perf_counter()
         base = run_lm_eval(base_model, tokenizer, manager, **settings)
         seconds["base"] = time.perf_counter() - start
@@ -125,6 +136,32 @@ def evaluate_saved(folder: str, tasks=DEFAULT_TASKS, include_path: str | None = 
     seconds["tuned"] = time.perf_counter() - start
     return compare(base, tuned, folder=folder, seconds=seconds, device=str(_device_of(model)),
                    dtype=str(next(model.parameters()).dtype).replace("torch.", ""), **settings)
+
+
+def notebook_tasks(config) -> list[str]:
+    """The notebook's tasks: `harness_tasks`, or the bundled local task for smoke runs."""
+    from .plots import is_smoke
+
+    return list(config.harness_tasks) or ([LOCAL_TASK] if is_smoke(config) else [])
+
+
+def forgetting(config, model, tokenizer) -> dict | None:
+    """The notebook's "What did it forget?": `evaluate_loaded` on the reloaded run, the results written
+    into the run folder (`lm_eval.json`, `.md`, `.png`) and its card; None, saying why, when skipped."""
+    tasks = notebook_tasks(config)
+    if not tasks:
+        log.info("skipped: set harness_tasks (e.g. [\"hellaswag\", \"arc_easy\"]) to run it")
+        return None
+    if not config.harness_tasks:  # a smoke run's own look, not asked for: no lm-eval is no error
+        try:
+            require_lm_eval()
+        except UserError as error:
+            log.info("skipped: %s", error)
+            return None
+    results = evaluate_loaded(model, tokenizer, config.output_dir, tasks)
+    write_results(results, Path(config.output_dir) / "lm_eval.json")
+    update_card(config.output_dir)
+    return results
 
 
 def default_batch_size(model) -> int | str:
@@ -140,8 +177,8 @@ class _base_of:
     """The base model of a loaded `model`: its adapter switched off, or for a merged export the model
     it was tuned from (its run's `model_name_or_path`), loaded beside it and freed after."""
 
-    def __init__(self, folder, model, device, dtype):
-        self.folder, self.model, self.device, self.dtype, self.context = folder, model, device, dtype, None
+    def __init__(self, folder, model):
+        self.folder, self.model, self.context = folder, model, None
 
     def __enter__(self):
         from peft import PeftModel
