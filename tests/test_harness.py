@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, asset
 from runs import cli, stories_run
 
-pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'lm-eval>=0.4.13,<0.5'")
+pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -e '.[eval]'")
 
 from tinyllama_ft import harness  # noqa: E402
 from tinyllama_ft.cli import main  # noqa: E402

@@ -21,7 +21,7 @@ from trl import SFTConfig, TrlParser
 from .errors import UserError
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
-SAMPLE_DATA = str(Path(__file__).parent / "data" / "sample.jsonl")
+SAMPLE_DATA = str(Path(__file__).parent / "samples" / "sample.jsonl")
 
 PRESETS: dict[str, dict] = {
     # The whole pipeline offline on CPU in well under a minute: a tiny random Llama built in
@@ -197,7 +197,7 @@ class Config(SFTConfig):
         super().__post_init__()
 
     def _check_values(self):
-        from .data import FORMATS, parse_columns
+        from .formats import FORMATS, parse_columns
 
         if self.dataset_format not in ("auto", *FORMATS):
             raise UserError(f"dataset_format must be auto, {', '.join(FORMATS)}, got {self.dataset_format!r}")
@@ -266,38 +266,6 @@ def resolve_precision(precision: str) -> str:
 
 def compute_dtype(config: Config) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision]
-
-
-def check_model_fits(config: Config) -> None:
-    """Values that contradict the model's shape, from its config alone (no weights load): a
-    `max_length` beyond its positions, a LoRA rank above the layers it adapts."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .modeling import build_tiny_model
-
-    tiny = build_tiny_model() if config.model_name_or_path == TINY_RANDOM_LLAMA else None
-    if tiny is not None:
-        model_config = tiny.config
-    else:
-        try:
-            model_config = AutoConfig.from_pretrained(config.model_name_or_path,
-                                                      trust_remote_code=config.trust_remote_code)
-        except (OSError, ValueError):
-            return  # no readable config: loading the model names the problem (check_target_modules, load_model)
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if positions and config.max_length > positions:
-        raise UserError(f"max_length {config.max_length} is beyond the model's {positions} positions "
-                        f"(max_position_embeddings): use --max_length {positions} or less")
-    model = tiny
-    if model is None:  # (under ZeRO-3 a meta model cannot be built: the tiny one is built for real above)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
-    widths = {name.rsplit(".", 1)[-1]: min(m.in_features, m.out_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in config.lora_target_modules}
-    if widths and config.lora_r > min(widths.values()):
-        name = min(widths, key=widths.get)
-        raise UserError(f"lora_r {config.lora_r} is larger than {name}'s smallest dimension {widths[name]}, so "
-                        f"the adapter is not low-rank: use --lora_r {widths[name]} or less")
 
 
 def parse_config(args: list[str] | None = None, **overrides) -> Config:

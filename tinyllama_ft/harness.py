@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TASKS = ("hellaswag", "openbookqa", "winogrande", "arc_challenge", "arc_easy", "boolq", "piqa")
 LOCAL_TASKS = Path(__file__).parent / "samples" / "lm_eval"  # the bundled local task, read offline
 LOCAL_TASK = "dolly_mc"
-INSTALL = "pip install 'lm-eval>=0.4.13,<0.5'"
+INSTALL = "pip install -e '.[eval]' in the checkout (or pip install 'lm-eval>=0.4.13,<0.5')"
 HEADLINE = ("acc_norm", "acc", "exact_match", "f1")  # the metric a task's bar shows, first one it has
 
 
@@ -140,7 +140,7 @@ def evaluate_loaded(model, tokenizer, folder: str, tasks, manager=None, limit: i
 
 def notebook_tasks(config) -> list[str]:
     """The notebook's tasks: `harness_tasks`, or the bundled local task for smoke runs."""
-    from .plots import is_smoke
+    from .tables import is_smoke
 
     return list(config.harness_tasks) or ([LOCAL_TASK] if is_smoke(config) else [])
 
@@ -309,7 +309,7 @@ def table_rows(results: dict) -> list[dict]:
 
 def format_table(results: dict, save_to=None):
     """The table: task | metric | base | fine-tuned | difference (values ± standard error)."""
-    from .plots import _save_text, _table
+    from .tables import _save_text, _table
 
     cell = lambda v: f"{v['value']:.4f}" + (f" ± {v['stderr']:.4f}" if v.get("stderr") is not None  # noqa: E731
                                             and math.isfinite(v["stderr"]) else "")

@@ -16,7 +16,7 @@ usage and finish reasons), given our model, with the two things it gets wrong fo
   (transformers' default, 1024 new tokens, ran past TinyLlama's 2048 positions on long prompts).
 
 It also serves the adapter as it is (no merge, no temporary copy of the weights): the model that
-answers is the one `load_for_inference` loads, so greedy answers equal `generate`'s. Requests are
+answers is the one `load_saved` loads, so greedy answers equal `generate`'s. Requests are
 greedy unless they set a temperature above 0 (then they sample: transformers alone would keep the
 model's `do_sample=False` and answer greedily at any temperature), and stop at `</s>` (the
 generation config's EOS).
@@ -28,10 +28,9 @@ import copy
 import logging
 from pathlib import Path
 
-from .artifacts import saved_system_prompt
-from .chat import context_length, load_chat_model
-from .data import encode_prompt
+from .encoding import encode_prompt
 from .errors import UserError
+from .saved_model import context_length, load_saved, saved_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000) -> None:
 
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
-    model, tokenizer = load_chat_model(folder)
+    model, tokenizer = load_saved(folder)
     name = Path(folder).resolve().name
     app = build_app(model, tokenizer, name, saved_system_prompt(folder))
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
