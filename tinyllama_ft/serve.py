@@ -147,15 +147,20 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
                         systemone_handler=SystemOneHandler(manager, state), generation_state=state)
 
 
+def app_for(folder: str):
+    """(the app, the model's name) for `folder`: anything `load_saved` loads, with the run's system prompt."""
+    model, tokenizer = load_saved(folder)
+    name = Path(folder).resolve().name
+    return build_app(model, tokenizer, name, saved_system_prompt(folder)), name
+
+
 def serve(folder: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load `folder` (a run or a merged export) and serve it until interrupted."""
+    """Load `folder` (a run, a checkpoint of one, or a merged export) and serve it until interrupted."""
     import uvicorn
 
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
-    model, tokenizer = load_saved(folder)
-    name = Path(folder).resolve().name
-    app = build_app(model, tokenizer, name, saved_system_prompt(folder))
+    app, name = app_for(folder)
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
              folder, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
