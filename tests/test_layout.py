@@ -13,7 +13,7 @@ PACKAGE = ROOT / "tinyllama_ft"
 # Lowest first: a module may import only the modules listed before it.
 LAYERS = ["errors", "files", "timings", "formats", "config", "encoding", "data", "modeling", "tables", "generation",
           "evaluate", "card", "run_folder", "train", "saved_model", "export", "gguf_export", "chat", "serve",
-          "plots", "bench", "bench_worker", "cli", "__main__"]
+          "plots", "harness", "bench", "bench_worker", "cli", "__main__"]
 MAX_LINES = 400
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from .encoding import encode_prompt
 from .formats import format_user_turn
-from .tables import comparison_rows, is_smoke
+from .tables import comparison_rows, format_harness_table, is_smoke
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 # name in the card, and whether higher is better, for the metrics `evaluate_model` writes
@@ -200,8 +200,6 @@ def results_section(metrics: dict) -> str:
 
 def harness_section(results: dict) -> str:
     """`python -m tinyllama_ft evaluate`'s table: lm-eval tasks, base vs fine-tuned, ± standard error."""
-    from .harness import format_table
-
     limit = results.get("limit")
     lines = ["## Benchmarks: what did fine-tuning cost?", "",
              f"lm-evaluation-harness {results.get('lm_eval_version', '')} on the base model (adapter off) and the "
@@ -209,7 +207,7 @@ def harness_section(results: dict) -> str:
              + (f", the first {limit} rows of each task" if limit else "")
              + (", prompts in the chat template" if results.get("apply_chat_template") else
                 ", plain text (no chat template)") + " (`python -m tinyllama_ft evaluate`; `lm_eval.json`).", "",
-             format_table(results).markdown]
+             format_harness_table(results).markdown]
     if results.get("chart"):
         lines += ["", f"![base vs fine-tuned]({results['chart']})"]
     return "\n".join(lines)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from collections import defaultdict
@@ -295,30 +294,12 @@ def read_results(folder: str | Path) -> dict | None:
 
 # --- table and chart -------------------------------------------------------------------------------
 
-def table_rows(results: dict) -> list[dict]:
-    """One row per task and metric: base and tuned value ± stderr, and the difference."""
-    rows = []
-    for task, metrics in results["tuned"].items():
-        for metric, tuned in metrics.items():
-            base = results["base"].get(task, {}).get(metric)
-            if base is not None:
-                rows.append({"task": task, "metric": metric, "base": base, "tuned": tuned,
-                             "difference": tuned["value"] - base["value"]})
-    return rows
-
-
 def format_table(results: dict, save_to=None):
-    """The table: task | metric | base | fine-tuned | difference (values ± standard error)."""
-    from .tables import _save_text, _table
+    """The table (`tables.format_harness_table`: the card shows the same): task | metric | base |
+    fine-tuned | difference, values ± standard error."""
+    from .tables import format_harness_table
 
-    cell = lambda v: f"{v['value']:.4f}" + (f" ± {v['stderr']:.4f}" if v.get("stderr") is not None  # noqa: E731
-                                            and math.isfinite(v["stderr"]) else "")
-    rows = [(r["task"], r["metric"], cell(r["base"]), cell(r["tuned"]), f"{r['difference']:+.4f}")
-            for r in table_rows(results)]
-    rendered = _table(["task", "metric", "base", "fine-tuned", "difference"], rows)
-    if save_to:
-        _save_text(rendered.markdown, save_to)
-    return rendered
+    return format_harness_table(results, save_to)
 
 
 def headline(metrics: dict) -> str | None:
