@@ -1,6 +1,8 @@
-"""The maintainers' comparison of evaluation paths: the code before (full logits at every position, generation
-in batches of 8, LoRA unmerged) against today's (the LM head on labelled positions only, batches of 32, LoRA
-merged where exact), side by side on the same model and rows, with how far their numbers are apart.
+"""The maintainers' comparison of evaluation paths: the code before issue 12 (full logits at every position,
+generation in static batches of 8 that each wait for their longest answer, LoRA unmerged) against today's (the LM
+head on labelled positions only, continuous batching, LoRA merged where exact), side by side on the same model and
+rows, with how far their numbers are apart. The random model never stops by itself, so both paths run under the
+same forced stopping pattern (`forced_stops`: answers of realistic, long-tailed lengths), said in the output.
 
     python -m benchmarks.eval_paths [--preset cpu|gpu] [--repeat N] [--rows N] [--max_new_tokens N] [--out F.json]
 
@@ -29,10 +31,50 @@ MODULE = "benchmarks.eval_paths"  # what the worker processes run (`__name__` is
 # tokens each), for the base and the fine-tuned model. This comparison keeps the rows' proportion (5:2) at a tenth
 # and halves the budget, so that a side-by-side run with repeats fits a few minutes on 2 cores.
 EVAL_ROWS, EVAL_MAX_NEW_TOKENS = 50, 128
-EVAL_PATHS = {  # name -> (evaluate_loss labelled_only, generate batch_size, generate merge_lora)
-    "before": (False, 8, False),  # the code before: full logits, batches of 8, LoRA unmerged
-    "today": (True, None, None),  # the defaults: labelled positions only, GENERATION_BATCH_SIZE, merged where exact
+EVAL_PATHS = {  # name -> (evaluate_loss labelled_only, generate batch_size, merge_lora, batching)
+    "before": (False, 8, False, "static"),  # before issue 12: full logits, batches of 8 each waiting for its longest, LoRA unmerged
+    "today": (True, None, None, "continuous"),  # the defaults: labelled positions only, continuous batching, merged where exact
 }
+
+
+@contextlib.contextmanager
+def forced_stops(model, eos_token_id: int, mean_length: float, seed: int = 0, positions: int = 8192):
+    """A realistic stopping pattern for a model that never stops (random weights): within this block the model's
+    logits force the EOS at a fixed random set of positions, each position a stop with probability 1/mean_length,
+    so that every answer ends at the first such position after its prompt: answer lengths are geometric with that
+    mean (long-tailed, like real answers; capped by the budget). Keyed on the position ids the model receives, so
+    that `generate` and continuous batching (and any batch layout) stop every answer at the same token."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    stops = torch.rand(positions, generator=generator) < 1 / mean_length
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    seen = {}
+
+    def before(module, args, kwargs):
+        seen["positions"], seen["keep"] = kwargs.get("position_ids"), kwargs.get("logits_to_keep", 0)
+
+    def after(module, args, kwargs, output):
+        position_ids, keep = seen["positions"], seen["keep"]
+        if position_ids is None:
+            raise RuntimeError("forced_stops needs the position ids the model is called with")
+        logits = output.logits
+        if isinstance(keep, torch.Tensor):
+            position_ids = position_ids[:, keep]
+        else:
+            position_ids = position_ids[:, -logits.shape[1]:]
+        stop = stops.to(logits.device)[position_ids.clamp(max=positions - 1)]  # [batch, positions]
+        logits[stop] = torch.finfo(logits.dtype).min
+        logits[..., eos_token_id][stop] = 0.0
+        return output
+
+    handles = [inner.register_forward_pre_hook(before, with_kwargs=True),
+               inner.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -99,8 +141,11 @@ def _evaluate(spec: dict) -> dict:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
     examples = data.examples("validation")
     prompts = [data.rows[i] for i in data.generate_rows]
+    # the test rows' reference answers, in tokens (response + EOS: the labelled tokens), set the stopping pattern
+    reference = [sum(label != -100 for label in data.encoded[i]["labels"]) for i in data.generate_rows]
+    mean_length = sum(min(n, config.max_new_tokens) for n in reference) / len(reference)
 
-    def one(labelled_only, batch_size, merge) -> dict:
+    def one(labelled_only, batch_size, merge, batching) -> dict:
         result = {}
         for side in ("base", "tuned"):
             with model.disable_adapter() if side == "base" else contextlib.nullcontext():
@@ -108,22 +153,25 @@ def _evaluate(spec: dict) -> dict:
                 loss = evaluate_loss(model, examples, tokenizer.pad_token_id, config.per_device_eval_batch_size,
                                      eos_token_id=tokenizer.eos_token_id, labelled_only=labelled_only, progress=False)
                 middle = time.perf_counter()
-                texts = generate(model, tokenizer, [r["instruction"] for r in prompts], [r["context"] for r in prompts],
-                                 config.max_new_tokens, progress=False,
-                                 **({} if batch_size is None else {"batch_size": batch_size}),
-                                 merge_lora=merge)
+                with forced_stops(model, tokenizer.eos_token_id, mean_length):
+                    texts = generate(model, tokenizer, [r["instruction"] for r in prompts],
+                                     [r["context"] for r in prompts], config.max_new_tokens, progress=False,
+                                     **({} if batch_size is None else {"batch_size": batch_size}),
+                                     merge_lora=merge, batching=batching)
                 end = time.perf_counter()
             tokens = sum(t["tokens"] for t in texts)
             result[side] = {"loss": loss["loss"], "eos_logprob": loss["eos_logprob"], "loss_seconds": middle - start,
                             "generation_seconds": end - middle, "generated_tokens": tokens,
-                            "generation_tokens_per_second": tokens / (end - middle), "texts": [t["text"] for t in texts]}
+                            "generation_tokens_per_second": tokens / (end - middle), "texts": [t["text"] for t in texts],
+                            "answer_tokens": [t["tokens"] for t in texts], "ended": sum(t["ended"] for t in texts)}
         result["seconds"] = sum(result[s]["loss_seconds"] + result[s]["generation_seconds"] for s in ("base", "tuned"))
         return result
 
     with model.disable_adapter():  # warm-up, untimed: first calls pay one-off kernel and import costs
         evaluate_loss(model, examples[:2], tokenizer.pad_token_id, labelled_only=False, progress=False)
         evaluate_loss(model, examples[:2], tokenizer.pad_token_id, progress=False)
-        generate(model, tokenizer, prompts[0]["instruction"], max_new_tokens=2, progress=False)
+        for batching in ("static", "continuous"):
+            generate(model, tokenizer, prompts[0]["instruction"], max_new_tokens=2, progress=False, batching=batching)
     best: dict[str, dict] = {}
     for _ in range(spec["repeat"]):
         for name, knobs in EVAL_PATHS.items():
@@ -141,6 +189,10 @@ def _evaluate(spec: dict) -> dict:
     report["identical_texts"] = sum(a == b for s in ("base", "tuned")
                                     for a, b in zip(today[s]["texts"], before[s]["texts"]))
     report["texts"] = 2 * len(prompts)
+    report["stopping"] = {"mean_reference_tokens": mean_length, "reference_tokens": reference,
+                          "answer_tokens": [t for s in ("base", "tuned") for t in today[s]["answer_tokens"]]}
+    report["identical_answer_lengths"] = sum(a == b for s in ("base", "tuned")
+                                             for a, b in zip(today[s]["answer_tokens"], before[s]["answer_tokens"]))
     return report
 
 
@@ -156,9 +208,15 @@ def format_eval_table(report: dict) -> str:
                          f"{r['generation_tokens_per_second']:>11.1f}{r['loss']:>12.6f}{r['eos_logprob']:>13.5f}")
         lines.append(f"{name:<8}{'total':<7}{report[name]['seconds']:>20.2f} s  (runs: "
                      + ", ".join(f"{s:.1f}" for s in report[name]["runs"]) + ")")
+    stopping = report["stopping"]
+    lines.append(f"stopping pattern (both paths alike): the random model's EOS forced at random positions, answers "
+                 f"geometric with mean {stopping['mean_reference_tokens']:.1f} tokens (the test rows' reference answers, "
+                 f"capped at {report['max_new_tokens']}); answers here: mean "
+                 f"{sum(stopping['answer_tokens']) / len(stopping['answer_tokens']):.1f}, longest "
+                 f"{max(stopping['answer_tokens'])} tokens")
     lines.append(f"speedup (before / today, evaluation seconds): {report['speedup']:.2f}x; largest relative difference "
                  f"in loss and eos_logprob: {report['max_relative_difference']:.1e}; identical greedy texts: "
-                 f"{report['identical_texts']} of {report['texts']}")
+                 f"{report['identical_texts']} of {report['texts']} (answer lengths: {report['identical_answer_lengths']})")
     return "\n".join(lines)
 
 

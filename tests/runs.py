@@ -40,3 +40,43 @@ def smoke_run() -> Path:
     out = _TMP / "smoke"
     cli("train", "--preset", "smoke", "--output_dir", out)
     return out
+
+
+# --- issue 18: the shared run exported once, for every consumer --------------------------------------------------
+
+ANSWER_TOKENS = 32  # new tokens per greedy answer in the consumer tests
+
+
+@functools.lru_cache(maxsize=None)
+def consumer_prompts() -> tuple:
+    """12 real Dolly conversations short enough for stories260k's 512 positions: 8 single turns, 2 after a system
+    turn, 2 with two user turns."""
+    import json
+
+    from tinyllama_ft import encode_prompt, load_tokenizer, to_example
+    from tinyllama_ft.encoding import find_special_text
+
+    tokenizer = load_tokenizer(str(asset("stories260k")))
+    rows = [json.loads(line) for line in open(asset("dolly/dolly-sample-1109.jsonl"), encoding="utf-8")]
+    examples = [to_example(r) for r in rows
+                if find_special_text(r["instruction"] + r["context"] + r["response"], tokenizer) is None]
+    examples = [e for e in examples if len(encode_prompt(tokenizer, e["prompt"] + e["completion"])) < 160][:14]
+    system = [{"role": "system", "content": "You are a concise assistant."}]
+    prompts = [e["prompt"] for e in examples[:8]] + [system + e["prompt"] for e in examples[8:10]]
+    prompts += [examples[i]["prompt"] + examples[i]["completion"] + examples[i + 1]["prompt"] for i in (10, 12)]
+    return tuple(prompts)
+
+
+@functools.lru_cache(maxsize=None)
+def consumer_exports() -> dict:
+    """stories_run() exported through the command line as a merged model and as an f16 GGUF (+ Modelfile), with
+    `generate`'s greedy answers to consumer_prompts() on the run folder: what every consumer must answer."""
+    from tinyllama_ft import generate, load_for_inference
+
+    run = stories_run()
+    cli("export", "--adapter", run, "--out", _TMP / "consumer-merged")
+    cli("export", "--adapter", run, "--out", _TMP / "consumer-gguf", "--format", "gguf")
+    model, tokenizer = load_for_inference(str(run), device="cpu")
+    generated = generate(model, tokenizer, list(consumer_prompts()), max_new_tokens=ANSWER_TOKENS, progress=False)
+    return dict(run=run, merged=_TMP / "consumer-merged", gguf=_TMP / "consumer-gguf" / f"{run.name}-f16.gguf",
+                model=(model, tokenizer), generated=generated)

@@ -91,7 +91,8 @@ def _fake_result(tokens_per_second: float, padding: float, reserved_gib: float) 
             "peak_memory_bytes": int(reserved_gib * GIB), "worst_case_peak_memory_bytes": int(reserved_gib * GIB),
             "seconds_per_step": 1.0, "steps": 68, "real_tokens_per_cpu_second": tokens_per_second,
             "runtime_seconds": 10.0, "real_tokens": int(tokens_per_second * 10), "sum_squared_row_lengths": 10 ** 8,
-            "same_micro_batches_as_baseline": True, "same_row_order_as_baseline": True, "threads": 16}
+            "same_micro_batches_as_baseline": True, "same_row_order_as_baseline": True, "threads": 16,
+            "train_loss": 10.0}
 
 
 def test_gpu_report_mfu_and_12gb_verdict():

@@ -31,7 +31,7 @@ def test_config_prints_the_resolved_seed_configuration():
                     max_length=1024, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                     lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], per_device_train_batch_size=2,
                     gradient_accumulation_steps=8, learning_rate=2e-4, num_train_epochs=1.0,
-                    lr_scheduler_type="cosine", warmup_steps=0.03, gradient_checkpointing=True,
+                    lr_scheduler_type="cosine", warmup_steps=0.03, gradient_checkpointing="auto",
                     logging_steps=50, eval_steps=100, seed=42, num_generate=200, precision="fp32",
                     save_steps=0.1, save_total_limit=2)
     assert {k: config[k] for k in expected} == expected
@@ -94,7 +94,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     (["train", "--lora_r", "0"], "lora_r must be > 0"),
     (["train", "--learning_rate", "-1"], "learning_rate must be > 0"),
     (["train", "--no_such_field", "1"], "not used by the HfArgumentParser"),
-    (["train", "--precision", "bf16"], "needs a CUDA GPU"),
+    (["train", "--precision", "fp16"], "needs a CUDA GPU"),
     (["train", "--preset", "smoke", "--dataset_name", "missing.jsonl"], "does not exist"),
     (["train", "--preset", "smoke", "--train_size", "100"], "has only 48 rows"),
     (["train", "--preset", "smoke", "--lora_target_modules", "c_attn"], "no module named c_attn"),

@@ -46,7 +46,6 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--eval_size", "30", "--test_size", "30"], "has only 48 rows"),
     (["--train_size", "40"], "has only 48 rows"),
     (["--precision", "fp16"], "needs a CUDA GPU"),
-    (["--precision", "bf16"], "needs a CUDA GPU"),
     (["--load_in_4bit"], "load_in_4bit needs a CUDA GPU"),
     (["--use_liger_kernel", "true"], "use_liger_kernel needs a CUDA GPU"),
     (["--lora_target_modules", "c_attn"], "no module named c_attn"),

@@ -293,7 +293,7 @@ def test_real_conversations_train_exactly_the_assistant_turns(tinyllama_tokenize
             expected[len(prefix):len(prefix) + n] = ids[len(prefix):len(prefix) + n]
         assert labels == expected  # trained: exactly each assistant turn and its EOS; -100 everywhere else
         full = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        assert ids == [BOS] + full[:len(ids) - 1] and ids.count(BOS) == 1  # the chat template's own rendering
+        assert ids == full[:len(ids)] and ids.count(BOS) == 1  # the chat template's own rendering (it writes the BOS)
         turns[sum(m["role"] == "assistant" for m in messages)] += 1
     print(f"real-tokenizer conversations checked: {len(encoded)} ({turns}), "
           f"{sum(m[0]['role'] == 'system' for m in (conversations[i] for i in encoded))} with a system turn")

@@ -15,8 +15,8 @@ from tinyllama_ft import (build_trainer, encode_prompt, fit, load_for_inference,
 from tinyllama_ft.cli import main as cli_main
 from tinyllama_ft.encoding import find_special_text
 from tinyllama_ft.evaluate import pad_batch
-from tinyllama_ft.gguf_export import (JINJA_SPACE, OLLAMA_SPACE, OLLAMA_TEMPLATE, export_gguf,
-                                      find_tokenizer_model, modelfile_text, write_gguf)
+from tinyllama_ft.gguf_export import (OLLAMA_SPACE, OLLAMA_TEMPLATE, export_gguf, find_tokenizer_model, modelfile_text,
+                                      write_gguf)
 
 SYSTEM = "You are a concise assistant."
 NEW_TOKENS = 32
@@ -114,17 +114,18 @@ def modelfile_template(text: str) -> str:
 # --- (a) the tokenizer on every real Dolly row, and the metadata ---------------------------------------
 
 def token_agreement(hf, gg, rows) -> tuple[int, int]:
-    """(rows whose whole conversation and whose prompt encode identically, rows compared)."""
+    """(rows whose whole conversation and whose prompt encode identically, rows compared). The saved template
+    writes the BOS, so the GGUF tokenizer reads the rendered text without adding its own."""
     same = 0
     for row in rows:
         example = to_example(row)
         messages = example["prompt"] + example["completion"]
         text = hf.apply_chat_template(messages, tokenize=False)
-        full = [hf.bos_token_id, *hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]]
+        full = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         prompt_text = hf.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
         prompt_ok = (find_special_text(text, hf) is not None  # encode_prompt refuses these rows
-                     or gg(prompt_text).input_ids == encode_prompt(hf, example["prompt"]))
-        same += prompt_ok and gg(text).input_ids == full
+                     or gg(prompt_text, add_special_tokens=False).input_ids == encode_prompt(hf, example["prompt"]))
+        same += prompt_ok and gg(text, add_special_tokens=False).input_ids == full and full[0] == hf.bos_token_id
     return same, len(rows)
 
 
@@ -160,7 +161,8 @@ def test_gguf_vocabulary_is_sentencepiece_with_scores_types_and_special_ids(tiny
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
     # llama.cpp may not prefix text after special tokens (the HF tokenizer does not): see gguf_export
     assert fields["tokenizer.ggml.add_space_prefix"] is False
-    assert fields["tokenizer.chat_template"] == JINJA_SPACE + tinyllama_tokenizer.chat_template
+    assert fields["tokenizer.chat_template"] == tinyllama_tokenizer.chat_template  # it writes the BOS and a space
+    assert tinyllama_tokenizer.chat_template.startswith("{{ bos_token }}{{ ' ' }}{% for message in messages %}")
 
 
 def test_missing_or_foreign_tokenizer_model_is_one_clear_error(tinyllama_tokenizer, stories_dir, tmp_path):
@@ -183,8 +185,9 @@ def test_modelfile_template_renders_what_the_hf_chat_template_renders(tinyllama_
         for system in (True, False):
             messages = conversation(rows[:turns], system)
             hf = tinyllama_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            # the one leading space becomes llama.cpp's first "▁" (test_llama_cpp_* checks the ids)
-            assert render_ollama(template, messages) == " " + hf
+            # the one leading space becomes llama.cpp's first "▁" (test_llama_cpp_* checks the ids); llama.cpp
+            # adds the BOS that the HF template writes (add_bos_token)
+            assert render_ollama(template, messages) == hf.removeprefix(tinyllama_tokenizer.bos_token)
     lines = text.splitlines()
     assert lines[0] == "FROM ./run-f16.gguf" and f'SYSTEM """{SYSTEM}"""' in lines
     assert ['PARAMETER stop "</s>"', 'PARAMETER stop "<|user|>"', 'PARAMETER temperature 0',
@@ -299,6 +302,7 @@ def test_f16_gguf_has_the_merged_models_logits(stories_run, dolly_rows):
     assert {t for n, t in names.items() if "norm" in n} == {"F32"} and names["blk.0.attn_q.weight"] == "F16"
     assert [fields[f"llama.{k}"] for k in ("context_length", "embedding_length", "block_count", "feed_forward_length",
                                            "attention.head_count", "attention.head_count_kv")] == [512, 64, 5, 172, 8, 4]
+    assert fields["general.name"] == "run"  # the run folder's name, as `ollama list` and llama.cpp's logs show it
     assert fields["llama.rope.freq_base"] == 10000.0 and fields["llama.attention.layer_norm_rms_epsilon"] == \
         pytest.approx(1e-5) and fields["general.file_type"] == 1
 
@@ -387,12 +391,13 @@ def test_llama_cpp_reads_the_prompt_and_answers_like_hf(llama_cpp, stories_run, 
         for turns in (1, 2, 3):  # the prompt ids: llama.cpp's tokenizer on both templates = encode_prompt
             messages = conversation(rows[:turns], system=True)
             ids = encode_prompt(tokenizer, messages)
-            assert llm.tokenize(embedded(messages=messages).prompt.encode(), add_bos=True, special=True) == ids
+            # add_bos=False, as llama-cpp-python's Jinja chat handler tokenizes: the template writes the BOS
+            assert llm.tokenize(embedded(messages=messages).prompt.encode(), add_bos=False, special=True) == ids
             assert llm.tokenize(render_ollama(ollama, messages).encode(), add_bos=True, special=True) == ids
         prompts = stories_run["prompts"]
         for ids, row in zip(prompts, rows):
             rendered = embedded(messages=conversation([row], system=False)).prompt
-            assert llm.tokenize(rendered.encode(), add_bos=True, special=True) == ids
+            assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids
         ours = [llama_greedy(llm, ids) for ids in prompts]
     finally:
         llm.close()
@@ -436,7 +441,7 @@ def test_llama_cpp_tokenizes_every_tinyllama_dolly_prompt_like_encode_prompt(lla
         embedded = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
         rows = [row for row in dolly_rows if find_special_text(row["instruction"] + row["context"],
                                                                tinyllama_tokenizer) is None]
-        same = sum(llm.tokenize(embedded(messages=conversation([row])).prompt.encode(), add_bos=True, special=True)
+        same = sum(llm.tokenize(embedded(messages=conversation([row])).prompt.encode(), add_bos=False, special=True)
                    == encode_prompt(tinyllama_tokenizer, conversation([row])) for row in rows)
     finally:
         llm.close()

@@ -51,14 +51,19 @@ SEED = dict(
     lm_head_labelled_only=False,
 )
 
-# Other candidates measured for docs/PERFORMANCE.md (`--candidates`): overrides of the defaults, or SEED + overrides.
+# Other candidates measured for docs/PERFORMANCE.md (`--candidates [NAME ...]`): overrides of the defaults, or SEED +
+# overrides. The default's gradient checkpointing decides itself ("auto", tinyllama_ft/memory.py: off where the
+# worst-case micro-batch's activations take at most half of the free memory, so off on the cpu preset);
+# `default_checkpointing` is the default with it forced on. TRL 1.16's loss_type="chunked_nll" is no candidate:
+# it is a deprecated alias of "nll", the default already run (trl/trainer/sft_config.py turns one into the other).
 CANDIDATES = {
     "seed_no_checkpointing": dict(SEED, gradient_checkpointing=False),
     "seed_labelled_head": dict(SEED, lm_head_labelled_only=True),
     "default_all_positions": dict(lm_head_labelled_only=False),
+    "default_checkpointing": dict(gradient_checkpointing=True),
+    "default_compiled": dict(torch_compile=True),
     "group_by_length": dict(SEED, gradient_checkpointing=False, optim="adamw_torch_fused",
                             lm_head_labelled_only=True, train_sampling_strategy="group_by_length"),
-    "no_checkpointing": dict(gradient_checkpointing=False),
     "padding_free_4x4": dict(per_device_train_batch_size=4, gradient_accumulation_steps=4),
     "padding_free_16x1": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
     "packing_bfd": dict(packing=True, packing_strategy="bfd", per_device_train_batch_size=1,
@@ -116,8 +121,12 @@ def main(args: list[str]) -> dict:
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--rows", type=int, help="training rows (one epoch; a multiple of 16 keeps every optimizer "
                         "step full). Default: 128 for cpu, 1088 for gpu")
-    parser.add_argument("--candidates", action="store_true",
-                        help="also measure the other candidate configurations (slower)")
+    parser.add_argument("--candidates", nargs="*", metavar="NAME",
+                        help="also measure the other candidate configurations (slower): all, or those named ("
+                        + ", ".join(CANDIDATES) + ")")
+    parser.add_argument("--max_memory_gib", type=float,
+                        help="gpu: cap every training process at this much GPU memory "
+                        "(torch.cuda.set_per_process_memory_fraction), e.g. 12 for a 12 GB card")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every configuration N times, interleaved, and keep each one's fastest run "
                         "(for a shared or noisy machine)")
@@ -139,6 +148,11 @@ def main(args: list[str]) -> dict:
         if not torch.cuda.is_available():
             raise UserError("bench --preset gpu needs a CUDA GPU and none is visible: run --preset cpu here, "
                             "or run this on a GPU machine")
+    unknown = sorted(set(opts.candidates or []) - set(CANDIDATES))
+    if unknown:
+        raise UserError(f"bench: unknown candidate {unknown[0]!r}: choose from {', '.join(CANDIDATES)}")
+    if opts.max_memory_gib is not None and (opts.preset != "gpu" or opts.max_memory_gib <= 0):
+        raise UserError("bench: --max_memory_gib needs --preset gpu and a positive number of GiB")
     if opts.out:
         out_dir = Path(opts.out).resolve().parent
         if not out_dir.is_dir():
@@ -158,9 +172,9 @@ def main(args: list[str]) -> dict:
                       train_size=preset["train_size"], max_length=preset["max_length"])
         precision = {"cpu": "fp32", "gpu": "fp16"}[device]
         configs = {"baseline": dict(SEED, precision=precision), "default": dict(precision="auto")}
-        if opts.candidates:  # those built on the seed keep the seed's precision
-            configs |= {name: dict(c, precision=precision if c["optim"] == SEED["optim"] else "auto")
-                        for name, c in CANDIDATES.items()}
+        if opts.candidates is not None:  # those built on the seed keep the seed's precision
+            configs |= {name: dict(c, precision=precision if c.get("optim") == SEED["optim"] else "auto")
+                        for name, c in CANDIDATES.items() if name in (opts.candidates or CANDIDATES)}
         results: dict[str, dict] = {}
         for attempt in range(opts.repeat):
             for name, overrides in configs.items():
@@ -168,6 +182,7 @@ def main(args: list[str]) -> dict:
                       + (f", run {attempt + 1} of {opts.repeat}" if opts.repeat > 1 else "") + " ...",
                       file=sys.stderr, flush=True)
                 result = _run_worker(tmp, "train", dict(name=name, device=device, tmp=str(tmp), threads=opts.threads,
+                                                        max_memory_gib=opts.max_memory_gib,
                                                         overrides=common | overrides))
                 result["runs"] = results.get(name, {}).get("runs", []) + [result["real_tokens_per_second"]]
                 if name not in results or result["real_tokens_per_second"] > results[name]["real_tokens_per_second"]:
@@ -183,6 +198,7 @@ def main(args: list[str]) -> dict:
 
     report = {"preset": opts.preset, "device": prepared["device_name"], "model": prepared["model"],
               "dataset": common["dataset_name"], "rows": preset["train_size"],
+              "max_memory_gib": opts.max_memory_gib,
               "baseline": results.pop("baseline"), "default": results.pop("default")}
     report["speedup"] = report["default"]["real_tokens_per_second"] / report["baseline"]["real_tokens_per_second"]
     if results:
@@ -216,6 +232,10 @@ def format_table(report: dict) -> str:
                 f"{r['seconds_per_step']:>8.2f}{r['steps']:>6}{r['real_tokens_per_cpu_second']:>10.1f}  {same:<12}")
         lines.append(line + (f"{r['mfu']:>7.1%}" if mfu else ""))
     lines.append(f"speedup (default / baseline, real tokens/s): {report['speedup']:.2f}x")
+    base = report["baseline"]["train_loss"]
+    lines.append("training loss: " + ", ".join(f"{name} {r['train_loss']:.6f}" for name, r in rows)
+                 + f"; largest relative difference from the seed's: "
+                 f"{max(abs(r['train_loss'] - base) / abs(base) for _, r in rows):.1e}")
     if report["preset"] == "gpu":
         lines.append("fits a 12 GB GPU (largest of peak and worst-case reserved, + 0.5 GiB CUDA context, <= 12 GiB): "
                      + ", ".join(f"{name} {'yes' if r['fits_12gb'] else 'NO'}" for name, r in rows))

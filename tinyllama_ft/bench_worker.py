@@ -158,6 +158,9 @@ def _train(spec: dict) -> dict:
     from .train import build_trainer, fit, setup_model
 
     cuda = spec["device"] == "cuda"
+    if cuda and spec.get("max_memory_gib"):  # before anything is allocated: the cap the whole run lives under
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["max_memory_gib"] * 2 ** 30 / total))
     tmp = Path(spec["tmp"])
     overrides = dict(output_dir=str(tmp / "runs" / spec["name"]), eval_size=0, test_size=0, num_generate=0,
                      eval_strategy="no", save_strategy="no", logging_steps=10_000, report_to="none",
@@ -190,7 +193,8 @@ def _train(spec: dict) -> dict:
         "trainer_num_input_tokens_seen": metrics["train_tokens"], "train_loss": metrics["train_loss"],
         "configuration": {k: getattr(config, k) for k in (
             "per_device_train_batch_size", "gradient_accumulation_steps", "train_sampling_strategy", "padding_free",
-            "packing", "gradient_checkpointing", "optim", "lm_head_labelled_only", "precision", "attn_implementation")},
+            "packing", "gradient_checkpointing", "optim", "lm_head_labelled_only", "precision", "attn_implementation",
+            "torch_compile")},
         "attention": model.config._attn_implementation, "threads": torch.get_num_threads(),
     }
     result["worst_case_peak_memory_bytes"], result["worst_case_micro_batch_tokens"] = _worst_case_step(
@@ -203,16 +207,9 @@ def _worst_case_step(trainer, data, config, cuda: bool) -> tuple[int, int]:
     the largest micro-batch this configuration can meet on this data (random order may not meet it)."""
     import torch
 
-    rows = sorted(data.examples("train"), key=lambda e: len(e["input_ids"]), reverse=True)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[: config.per_device_train_batch_size]]
-    if config.packing:  # one pack of the longest rows that fit max_length
-        packed, total = [], 0
-        for r in rows:
-            if total + len(r["input_ids"]) <= config.max_length:
-                packed.append(r)
-                total += len(r["input_ids"])
-        rows = [{"input_ids": sum((r["input_ids"] for r in packed), []), "labels": sum((r["labels"] for r in packed), []),
-                 "seq_lengths": [len(r["input_ids"]) for r in packed]}]
+    from .memory import worst_case_rows
+
+    rows = worst_case_rows(data.examples("train"), config.per_device_train_batch_size, config.packing, config.max_length)
     batch = trainer.data_collator.collator(rows)
     batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     trainer.model.train()

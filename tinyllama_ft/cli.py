@@ -21,10 +21,12 @@ commands:
                                                   write exactly what the trainer is fed
   train     [--config F.yaml] [--preset smoke] [--name value ...]
                                                   fine-tune, evaluate and save a run folder
+  dpo       --adapter RUN [--dataset_name D] [--output_dir OUT] [--beta B] [--preset smoke] [--name value ...]
+                                                  preference-tune a finished SFT run (TRL DPOTrainer)
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N] [--system_prompt TEXT]
   chat      --adapter DIR [--max_new_tokens N] [--temperature T] [--top_p P] [--system TEXT]
                                                   talk to a run or a merged export, streamed
-  serve     --adapter DIR [--host 127.0.0.1] [--port 8000]
+  serve     --adapter DIR [--host 127.0.0.1] [--port 8000] [--continuous_batching]
                                                   OpenAI-compatible /v1/chat/completions
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
@@ -47,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train,
-                "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "evaluate": cmd_evaluate,
-                "bench": cmd_bench}
+    commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train, "dpo": cmd_dpo,
+                "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export,
+                "evaluate": cmd_evaluate, "bench": cmd_bench}
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
         return 2
@@ -105,6 +107,17 @@ def cmd_train(args: list[str]) -> None:
     config = parse_config(args)
     try:
         train(config)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(restart_hint(config)) from None
+
+
+def cmd_dpo(args: list[str]) -> None:
+    from .run_folder import restart_hint
+    from .dpo import parse_dpo_config, train_dpo
+
+    config = parse_dpo_config(args)
+    try:
+        train_dpo(config)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(restart_hint(config)) from None
 
@@ -190,10 +203,13 @@ def cmd_serve(args: list[str]) -> None:
     parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--continuous_batching", action="store_true",
+                        help="let requests that arrive together share the model's steps (transformers' continuous "
+                        "batching); default: one request after another")
     opts = _parse(parser, args)
     from .serve import serve
 
-    serve(opts.adapter, opts.host, opts.port)
+    serve(opts.adapter, opts.host, opts.port, opts.continuous_batching)
 
 
 def cmd_export(args: list[str]) -> None:

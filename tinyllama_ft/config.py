@@ -19,6 +19,7 @@ import yaml
 from trl import SFTConfig, TrlParser
 
 from .errors import UserError
+from .memory import checkpointing_value
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 RESUME_NEWEST = ("true", "yes", "1")  # --resume_from_checkpoint values that mean "the newest checkpoint"
@@ -68,7 +69,9 @@ class Config(SFTConfig):
     precision: str = field(
         default="auto",
         metadata={"help": "auto | bf16 | fp16 | fp32. auto: bf16 where the GPU supports it, else fp16 on CUDA, "
-                  "fp32 on CPU. Frozen base weights are held in this dtype; LoRA weights stay in fp32.",
+                  "fp32 on CPU. Frozen base weights are held in this dtype; LoRA weights stay in fp32. bf16 also "
+                  "runs on CPU when asked for (autocast; half the base's memory, slower on most CPUs); fp16 needs "
+                  "CUDA (its loss scaler).",
                   "choices": ["auto", "bf16", "fp16", "fp32"]},
     )
     load_in_4bit: bool = field(
@@ -158,8 +161,13 @@ class Config(SFTConfig):
                   "scores every position, like the seed."},
     )
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (fused AdamW by default)."})
-    gradient_checkpointing: bool = field(
-        default=True, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    gradient_checkpointing: str = field(
+        default="auto",
+        metadata={"help": "auto | true | false: recompute activations in the backward pass to save memory. auto "
+                  "(default): off when the activations of the worst-case micro-batch (the "
+                  "per_device_train_batch_size longest rows), measured before training, take at most half of the "
+                  "device's free memory, else on (tinyllama_ft/memory.py; the run records what it chose). true: the "
+                  "seed's.", "nargs": "?", "const": "true"},
     )
     logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
     save_steps: float = field(
@@ -194,7 +202,8 @@ class Config(SFTConfig):
         self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
         # `gradient_checkpointing` is the name the seed and TRL users know; transformers 5 calls it
         # `activation_checkpointing` and reads the old name only when the new one is unset.
-        if self.activation_checkpointing is None:
+        self.gradient_checkpointing = checkpointing_value(self.gradient_checkpointing)
+        if self.activation_checkpointing is None:  # "auto" stays until build_trainer has measured (memory.py)
             self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
 
@@ -264,8 +273,8 @@ def resolve_precision(precision: str) -> str:
         if not torch.cuda.is_available():
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise UserError(f"precision={precision} needs a CUDA GPU and none is visible: use --precision auto or fp32")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("precision=fp16 needs a CUDA GPU and none is visible: use --precision auto, bf16 or fp32")
     if precision not in ("bf16", "fp16", "fp32"):
         raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     return precision

@@ -10,6 +10,7 @@ from accelerate.utils import gather_object
 from peft import PeftModel
 from tqdm.auto import tqdm
 
+from .batching import can_batch_continuously, generate_continuously
 from .encoding import encode_prompt
 from .errors import UserError
 from .formats import prompt_messages
@@ -22,7 +23,7 @@ GENERATION_BATCH_SIZE = 32  # prompts per generate() call; 8 before (benchmarks/
 def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] | list[dict],
              contexts: list[str] | str | None = None, max_new_tokens: int = 256,
              batch_size: int = GENERATION_BATCH_SIZE, progress: bool = True, system_prompt: str | None = None,
-             merge_lora: bool | None = None) -> list[dict]:
+             merge_lora: bool | None = None, batching: str = "continuous") -> list[dict]:
     """Greedy responses, formatted exactly as in training; batched with left padding, prompts
     sorted by length so that a batch holds prompts of similar length.
 
@@ -34,7 +35,14 @@ def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] 
     of three) and put the exact original weights back afterwards; None (default) merges where that is
     exact to fp32 rounding: active LoRA adapters on fp32, unsharded `nn.Linear` weights
     (`can_merge_lora`); never for bf16/fp16/4-bit bases, whose merged weights would be rounded.
+    `batching`: "continuous" (default) schedules tokens, not rows (transformers' continuous batching,
+    `batching.py`): an answer that ends leaves the batch at once, so nobody waits for the slowest answer
+    of a batch, and `batch_size` does not apply; used where it applies (`can_batch_continuously`: one
+    process, unsharded weights), else, and with "static", batches of `batch_size` prompts of similar length,
+    left-padded, each run until its longest answer ends (`model.generate`). Same greedy tokens either way.
     Under several processes each generates its share and every process gets all results."""
+    if batching not in ("continuous", "static"):
+        raise UserError(f"batching must be continuous or static, got {batching!r}")
     single = isinstance(instructions, str) or (bool(instructions) and isinstance(instructions[0], dict))
     instructions = [instructions] if single else list(instructions)
     contexts = [contexts or ""] * len(instructions) if contexts is None or isinstance(contexts, str) else contexts
@@ -50,8 +58,14 @@ def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] 
     merge = can_merge_lora(model) if merge_lora is None else merge_lora
     with state.split_between_processes(sorted(range(len(prompts)), key=lambda i: len(prompts[i]))) as order, \
             (merged_lora(model) if merge else contextlib.nullcontext()):
-        _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, batch_size, device,
-                       progress and state.is_main_process)
+        if batching == "continuous" and can_batch_continuously(model):
+            answers = generate_continuously(model, [prompts[i] for i in order], max_new_tokens,
+                                            tokenizer.eos_token_id, tokenizer.pad_token_id)
+            for index, new in zip(order, answers):
+                results[index] = decode_answer(tokenizer, new)
+        else:
+            _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, batch_size, device,
+                           progress and state.is_main_process)
     if state.num_processes > 1:
         results = [next(r for r in gathered if r is not None)
                    for gathered in zip(*gather_object([results]))]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .chat_template import prefixes_first_text_only
 from .encoding import ROLE_MARKERS
 from .errors import UserError
 from .files import written_folder
@@ -30,12 +31,13 @@ QUANTIZATIONS = ("f16", "q8_0")
 # (tests/test_gguf.py renders both). Ollama puts SYSTEM first as a message.
 OLLAMA_TEMPLATE = '{{ range .Messages }}<|{{ .Role }}|>\n{{ .Content }}</s>\n{{ end }}<|assistant|>\n'
 
-# Where the HF tokenizer puts SentencePiece's "▁" prefix only before the first text (Metaspace
-# prepend_scheme "first", TinyLlama's `legacy: false`), llama.cpp cannot follow: it prefixes the text after
-# every special token (one stray "▁" after each `</s>` of a chat prompt) or, with add_space_prefix off, none.
-# So the file says add_space_prefix = false and both templates begin with one space, which llama.cpp turns
-# into that first "▁": the prompt ids equal encode_prompt's (tests/test_gguf.py, through llama.cpp).
-JINJA_SPACE, OLLAMA_SPACE = "{{ ' ' }}", '{{ " " }}'
+# Where the HF tokenizer puts SentencePiece's "▁" prefix only before the first text (Metaspace prepend_scheme
+# "first", TinyLlama's `legacy: false`), llama.cpp cannot follow: it prefixes the text after every special token
+# (one stray "▁" after each `</s>` of a chat prompt) or, with add_space_prefix off, none. So the file says
+# add_space_prefix = false, and the text begins with one space, which llama.cpp turns into that first "▁": the
+# saved chat template writes it after the BOS (chat_template.py), the Modelfile's template first of all. Then the
+# prompt ids equal encode_prompt's (tests/test_consumers.py, through each consumer's own chat path).
+OLLAMA_SPACE = '{{ " " }}'
 
 
 def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Path:
@@ -194,21 +196,16 @@ def add_vocabulary(writer, tokenizer, spm_dir: str | None, n_vocab: int | None =
         writer.add_token_scores(scores)
         writer.add_token_types(types)
         special = gguf.SpecialVocab(saved, load_merges=spm_dir is None, n_vocab=len(tokens))
-    # encode_prompt always starts with one BOS and the template never writes one: llama.cpp must add it.
+    # One BOS first, as encode_prompt: the chat template writes it, and llama.cpp adds it where the text does not
+    # begin with it (a raw prompt, Ollama's Go template); llama-server --jinja strips the template's own first.
     special.add_special_token = {"bos": True, "eos": False}
     if tokenizer.pad_token_id is not None:
         special.special_token_ids["pad"] = tokenizer.pad_token_id
     first_only = prefixes_first_text_only(tokenizer)
     if spm_dir is not None:
         writer.add_add_space_prefix(not first_only)
-    special.chat_template = (JINJA_SPACE if first_only else "") + tokenizer.chat_template
+    special.chat_template = tokenizer.chat_template  # the saved one: it writes the BOS (and the space after it)
     special.add_to_gguf(writer, quiet=True)
-
-
-def prefixes_first_text_only(tokenizer) -> bool:
-    """True when the tokenizer adds SentencePiece's "▁" to the start of the text but not after special tokens."""
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-    return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first"
 
 
 def _sentencepiece_tokens(spm_dir: str) -> tuple[list[bytes], list[float], list[int]]:

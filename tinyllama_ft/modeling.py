@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .chat_template import add_bos_to_template
 from .config import SAMPLE_DATA, TINY_RANDOM_LLAMA
 from .errors import UserError
 
@@ -39,6 +40,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise UserError(f"{name_or_path} has no chat template: use a chat model such as TinyLlama-1.1B-Chat")
+    add_bos_to_template(tokenizer)  # saved with the run: every consumer of the template gets encode_prompt's ids
     return tokenizer
 
 
@@ -180,6 +182,7 @@ def build_tiny_tokenizer():
         tokenizer_file=f"{_tiny_tokenizer_files()}/tokenizer.json", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", pad_token="</s>", chat_template=CHAT_TEMPLATE)
     tokenizer.name_or_path = TINY_RANDOM_LLAMA
+    add_bos_to_template(tokenizer)
     return tokenizer
 
 

@@ -47,7 +47,6 @@ def load_merged(folder: str):
     model, tokenizer = load_saved(folder, device="cpu", dtype=torch.float32)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), tokenizer
 
 
@@ -112,10 +111,20 @@ def inference_device_and_dtype(device: str | None = None, dtype: torch.dtype | N
     return device, dtype
 
 
+DEFAULT_MAX_NEW_TOKENS = 256  # generate's and chat's default answer budget
+
+
 def set_generation_config(model, tokenizer) -> None:
-    """Generation stops at the tokenizer's EOS and pads with its pad token."""
+    """The model's own generation settings, which a merged export saves as `generation_config.json`: greedy (as
+    `generate` answers), stopping at the tokenizer's EOS, padding with its pad token, `DEFAULT_MAX_NEW_TOKENS`
+    new tokens. So `pipeline("text-generation")` with no generation arguments answers as `generate` does, not
+    with its sampling defaults (temperature 0.7), and `model.generate(ids)` stops at EOS, not after 20 tokens."""
     config = model.generation_config
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.do_sample, config.num_beams, config.max_new_tokens = False, 1, DEFAULT_MAX_NEW_TOKENS
+    config.temperature = config.top_p = config.top_k = None  # a base's sampling settings would only warn
+    config.max_length = None  # max_new_tokens is the budget (TinyLlama-Chat's file says max_length 2048)
 
 
 def context_length(model) -> int:

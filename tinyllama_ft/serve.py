@@ -5,11 +5,13 @@ It is transformers' own server (`transformers serve`: FastAPI, OpenAI schemas, S
 usage and finish reasons), given our model, with the two things it gets wrong for this model fixed:
 
 * **No BOS.** `transformers serve` builds the prompt with `tokenizer.apply_chat_template(...,
-  tokenize=True)`, and TinyLlama-Chat's template does not write `<s>`: the server feeds the model
-  a prompt without the BOS that every training row began with (measured on the smoke run:
-  20 prompt tokens instead of `encode_prompt`'s 21, and another answer than `generate`'s).
-  Here the served tokenizer puts the BOS first (`served_tokenizer`), and before serving we check
-  that it gives exactly `encode_prompt`'s ids (`check_prompt_ids`), or refuse to start.
+  tokenize=True)`, which adds no special tokens, and TinyLlama-Chat's own template does not write `<s>`
+  (measured on the smoke run: 20 prompt tokens instead of `encode_prompt`'s 21, and another answer than
+  `generate`'s). The saved template writes it (`chat_template.py`), and before serving we check that the
+  server's call gives exactly `encode_prompt`'s ids (`check_prompt_ids`), or refuse to start.
+* **A request's own settings.** `transformers chat` sends its flags as a `generation_config`, which
+  transformers' server takes instead of the model's (losing its EOS); here they are laid over the model's
+  and win over the default budget below. Answers are stripped as `generate` strips them.
 * **Special-token text.** A message holding `</s>`, `<|user|>`... would be read as control tokens;
   such a request gets HTTP 400 with `encode_prompt`'s message instead. So does a conversation longer
   than the model's context, and without `max_tokens` an answer is given the room the context has left
@@ -24,10 +26,12 @@ generation config's EOS).
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 from pathlib import Path
 
+from .batching import serving_cache_config
+from .chat_template import PROBES
 from .encoding import encode_prompt
 from .errors import UserError
 from .saved_model import context_length, load_saved, saved_system_prompt
@@ -35,54 +39,50 @@ from .saved_model import context_length, load_saved, saved_system_prompt
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 1024  # transformers serve's default answer budget
-PROBES = [  # conversations whose prompt ids the served tokenizer must give exactly as encode_prompt
-    [{"role": "user", "content": "Name three primes."}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}],
-    [{"role": "user", "content": "Summarize this.\n\nContext:\nA cat sat on a mat."},
-     {"role": "assistant", "content": "A cat sat."}, {"role": "user", "content": "Shorter?"}],
-]
 
 
-def served_tokenizer(tokenizer):
-    """A copy of `tokenizer` whose `apply_chat_template` (what transformers' server tokenizes the
-    messages with) puts the BOS first, as `encode_prompt` does. The BOS cannot go into the template
-    text instead: SentencePiece would then tokenize what follows `<s>` without its leading "▁"
-    (`<|user|>` starts with id 29966 instead of 529 on TinyLlama), another prompt than training's."""
-    from transformers import BatchEncoding
-
-    served = copy.deepcopy(tokenizer)
-    stock, bos = served.apply_chat_template, tokenizer.bos_token_id
-
-    def apply_chat_template(conversation, *args, return_tensors=None, **kwargs):
-        if not (kwargs.get("tokenize", True) and kwargs.get("return_dict")):
-            return stock(conversation, *args, return_tensors=return_tensors, **kwargs)
-        encoded = stock(conversation, *args, return_tensors=None, **kwargs)
-        ids, mask = list(encoded["input_ids"]), list(encoded.get("attention_mask") or [1] * len(encoded["input_ids"]))
-        if bos is not None and (not ids or ids[0] != bos):
-            ids, mask = [bos, *ids], [1, *mask]
-        if return_tensors is None:
-            return BatchEncoding({"input_ids": ids, "attention_mask": mask})
-        return BatchEncoding({"input_ids": [ids], "attention_mask": [mask]}, tensor_type=return_tensors)
-
-    served.apply_chat_template = apply_chat_template
-    check_prompt_ids(served, tokenizer)
-    return served
-
-
-def check_prompt_ids(served, tokenizer) -> None:
-    """Raise unless `served`, called as transformers' server calls it, gives `encode_prompt`'s ids."""
+def check_prompt_ids(tokenizer) -> None:
+    """Raise unless `tokenizer`, called as transformers' server calls it, gives `encode_prompt`'s ids: its chat
+    template must write the BOS (the saved template does, `chat_template.add_bos_to_template`)."""
     for messages in PROBES:
-        served_ids = served.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True, return_tensors="pt")["input_ids"][0].tolist()
+        served_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, return_tensors="pt")["input_ids"][0].tolist()
         if served_ids != encode_prompt(tokenizer, messages):
-            raise UserError("the served tokenizer gives other prompt ids than training did "
+            raise UserError("the chat template gives other prompt ids than training did "
                             f"({served_ids[:8]}... vs {encode_prompt(tokenizer, messages)[:8]}...): "
                             "serve a run of this project or its merged export")
 
 
-def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
+def requested_max_new_tokens(body: dict) -> int | None:
+    """The answer budget a request sets itself, in whichever field carries it: OpenAI's `max_completion_tokens`
+    or `max_tokens`, or the `max_new_tokens` of its transformers `generation_config` (JSON text or an object)."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        if body.get(key) is not None:
+            return body[key]
+    config = body.get("generation_config")
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return None  # transformers answers the malformed JSON itself
+    return config.get("max_new_tokens") if isinstance(config, dict) else None
+
+
+def merged_generation_config(request_config, model_config) -> str:
+    """The request's generation settings over the model's: what the request sets wins, the rest (EOS, pad,
+    greedy decoding) stays the model's. JSON text, as transformers' server reads the field."""
+    settings = json.loads(request_config) if isinstance(request_config, str) else dict(request_config)
+    base = model_config.to_diff_dict()
+    base.pop("transformers_version", None)
+    return json.dumps({**base, **settings})
+
+
+def build_app(model, tokenizer, name: str, system_prompt: str | None = None, continuous_batching: bool = False):
     """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`; requests without
-    a system message get `system_prompt` (the run's own) first, as training formatted its rows."""
+    a system message get `system_prompt` (the run's own) first, as training formatted its rows.
+    `continuous_batching`: requests that arrive together share the model's steps (`transformers serve
+    --continuous-batching`'s machinery: a paged cache, finished answers leave at once); off, each request
+    generates on its own, one after another (benchmarks/serve_load.py measures both)."""
     try:
         from fastapi import HTTPException
         from transformers.cli.serving.chat_completion import ChatCompletionHandler
@@ -96,7 +96,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
     except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
         raise UserError(f"serve needs transformers' server ({error}): pip install 'transformers[serving]>=5.24,<6'") from None
 
-    served = served_tokenizer(tokenizer)
+    check_prompt_ids(tokenizer)  # transformers' server renders the saved template itself
 
     class OneModel(ModelManager):
         """The manager of `transformers serve --force-model`, handed our model instead of loading one."""
@@ -106,7 +106,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
             return model_id  # answers name the model as /v1/models does, without the hub's "@main"
 
         def _load_processor(self, model_id_and_revision, gguf_file=None):
-            return served
+            return tokenizer
 
         def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
             return model
@@ -129,38 +129,62 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None):
                 if room < 1:
                     raise HTTPException(status_code=400, detail=f"the conversation is {len(prompt)} tokens, the "
                                         f"model's context {context_length(model)}: drop its oldest turns")
-                if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+                if requested_max_new_tokens(body) is None:
                     body["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
             return await super().handle_request(body, request_id)
 
         def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
+            """transformers' config for the request, where the request's own `generation_config` (what
+            `transformers chat` sends) is laid over the model's (its EOS, greedy) instead of replacing it."""
+            if body.get("generation_config") is not None:
+                body = {**body, "generation_config": merged_generation_config(body["generation_config"],
+                                                                              model_generation_config)}
             config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
             if body.get("generation_config") is None and float(body.get("temperature") or 0) > 0:
                 config.do_sample = True  # transformers keeps the model's do_sample (False): greedy at any temperature
             return config
 
+        def _build_completion(self, request_id, content, *args, **kwargs):
+            return super()._build_completion(request_id, content.strip(), *args, **kwargs)  # as generate's text
+
+        def _build_chunk_sse(self, request_id: str = "", content: str | None = None, *args, **kwargs):
+            """Streamed, the same text: leading whitespace dropped, trailing whitespace held back until more
+            text follows (so it never arrives after the last word), as `chat` streams."""
+            state = held.setdefault(request_id, {"started": False, "pending": ""})
+            if content is not None:
+                text = state["pending"] + content
+                text = text if state["started"] else text.lstrip()
+                content = text.rstrip()
+                state["pending"], state["started"] = text[len(content):], state["started"] or bool(content)
+            if kwargs.get("finish_reason") is not None:
+                held.pop(request_id, None)
+            return super()._build_chunk_sse(request_id, content, *args, **kwargs)
+
+    held: dict[str, dict] = {}  # per streamed request: started, whitespace held back
+
     manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
-    state = GenerationState()
+    state = GenerationState(continuous_batching=continuous_batching,
+                            cb_config=serving_cache_config(model) if continuous_batching else None)
     return build_server(manager, ChatCompletions(manager, state), completion_handler=CompletionHandler(manager, state),
                         response_handler=ResponseHandler(manager, state),
                         transcription_handler=TranscriptionHandler(manager, state),
                         systemone_handler=SystemOneHandler(manager, state), generation_state=state)
 
 
-def app_for(folder: str):
+def app_for(folder: str, continuous_batching: bool = False):
     """(the app, the model's name) for `folder`: anything `load_saved` loads, with the run's system prompt."""
     model, tokenizer = load_saved(folder)
     name = Path(folder).resolve().name
-    return build_app(model, tokenizer, name, saved_system_prompt(folder)), name
+    return build_app(model, tokenizer, name, saved_system_prompt(folder), continuous_batching), name
 
 
-def serve(folder: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, continuous_batching: bool = False) -> None:
     """Load `folder` (a run, a checkpoint of one, or a merged export) and serve it until interrupted."""
     import uvicorn
 
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
-    app, name = app_for(folder)
+    app, name = app_for(folder, continuous_batching)
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
              folder, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")

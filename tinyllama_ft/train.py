@@ -23,6 +23,7 @@ from trl import SFTTrainer
 from .config import Config, compute_dtype
 from .data import Data, prepare_data
 from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
+from .memory import decide_checkpointing
 from .modeling import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
 from .run_folder import check_output_dir, resume_path, save_run
 from .timings import Timings, write_timings
@@ -38,7 +39,7 @@ def setup_model(config: Config, tokenizer=None):
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing is True)
     set_seed(config.seed)
     model = wrap_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     trainable, total = count_parameters(model)
@@ -135,7 +136,9 @@ def trainer_config(config: Config) -> Config:
 
 def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
     """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100 (or, padding-free,
-    concatenates rows with restarting position ids), so the EOS stays trained."""
+    concatenates rows with restarting position ids), so the EOS stays trained. Resolves
+    `gradient_checkpointing="auto"` first, from the worst-case micro-batch (`memory.decide_checkpointing`)."""
+    decide_checkpointing(config, model, data, tokenizer.pad_token_id)  # "auto" becomes on or off, measured
     eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
     if eval_dataset is None:
         config.eval_strategy = "no"

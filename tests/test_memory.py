@@ -1,0 +1,57 @@
+"""`gradient_checkpointing="auto"`: the rule on literal numbers, and both of its branches forced on a real model
+by an address-space limit (deterministic: the measured activations against a limit set from them)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, asset
+from tinyllama_ft.config import parse_config
+from tinyllama_ft.errors import UserError
+from tinyllama_ft.memory import MARGIN, checkpointing_needed, free_memory_bytes
+
+
+def test_the_rule_on_literal_numbers():
+    assert MARGIN == 0.5
+    assert not checkpointing_needed(100, 200)  # exactly half of the free memory: fits
+    assert checkpointing_needed(101, 200)
+    assert checkpointing_needed(None, 10 ** 15)  # the forward ran out of memory: on
+
+
+def test_auto_is_the_default_and_the_seed_is_one_flag_away():
+    assert parse_config([], use_cpu=True).gradient_checkpointing == "auto"
+    for flags, value in ((["--gradient_checkpointing"], True), (["--gradient_checkpointing", "true"], True),
+                         (["--gradient_checkpointing", "false"], False), (["--gradient_checkpointing", "auto"], "auto")):
+        config = parse_config(flags, use_cpu=True)
+        assert config.gradient_checkpointing == value and config.activation_checkpointing == value
+    with pytest.raises(UserError, match="gradient_checkpointing must be auto, true or false"):
+        parse_config(["--gradient_checkpointing", "maybe"], use_cpu=True)
+
+
+def test_free_memory_on_cpu_is_at_most_the_available_ram():
+    import psutil
+    import torch
+
+    free = free_memory_bytes(torch.device("cpu"))
+    assert 0 < free <= psutil.virtual_memory().total
+
+
+@pytest.mark.slow  # one process: stories260k, 32 real Dolly rows, three decisions (~15 s on 2 idle cores)
+def test_auto_decides_each_branch_under_a_memory_limit():
+    model, dolly = asset("stories260k"), asset("dolly/dolly-sample-1109.jsonl")
+    # room above what the process uses: half the activations (or less: the forward fails: on), 8 x (off), no limit (off)
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(model), str(dolly),
+                          "x0.5", "x8", "none"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    tight, roomy, unlimited = json.loads(out.stdout.strip().splitlines()[-1])
+    need = tight["need"]
+    assert need > 2 ** 20  # stories260k on its 4 longest rows (padding-free) keeps megabytes for backward
+    assert tight["decision"]["on"] and tight["config"] is True and tight["trainer_args"] is True
+    assert tight["decision"]["free_bytes"] < need / MARGIN
+    for case in (roomy, unlimited):
+        assert not case["decision"]["on"] and case["config"] is False and case["trainer_args"] is False
+        assert case["decision"]["activation_bytes"] == pytest.approx(need, rel=0.05)  # the same measurement
+        assert case["decision"]["free_bytes"] >= need / MARGIN
