@@ -14,7 +14,7 @@ PACKAGE = ROOT / "tinyllama_ft"
 LAYERS = ["errors", "files", "timings", "formats", "memory", "config", "encoding", "data", "preference_data",
           "chat_template", "modeling", "batching", "tables", "generation", "evaluate", "preference_eval", "card",
           "run_folder", "train", "saved_model", "dpo", "export", "gguf_export", "chat", "serve",
-          "plots", "bench", "bench_worker", "cli", "__main__"]
+          "plots", "harness", "bench", "bench_worker", "cli", "__main__"]
 MAX_LINES = 400
 
 

@@ -3,6 +3,7 @@ runs headless end to end in smoke mode, producing its plots, tables and a comple
 Also the plotting/table helpers it calls, on small literal inputs."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -221,6 +222,11 @@ def test_notebook_runs_headless_in_smoke_mode(tmp_path):
     for name in PNGS:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, f"{name} missing from the run folder"
     assert (run / "adapter_model.safetensors").is_file()
+    if importlib.util.find_spec("lm_eval") is not None:  # "What did it forget?": on in smoke runs, dolly_mc
+        assert len(images) >= 6 and "fine-tuned" in text and "dolly_mc  acc_norm" in text  # its chart and table
+        results = json.loads((run / "lm_eval.json").read_text())
+        assert results["tasks"] == ["dolly_mc"] and results["base"]["dolly_mc"]["acc"]["stderr"] > 0
+        assert "## Benchmarks: what did fine-tuning cost?" in (run / "README.md").read_text()
 
     # the same stages as `python -m tinyllama_ft train --preset smoke`: the same adapter, to the bit
     from safetensors.torch import load_file

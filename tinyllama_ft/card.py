@@ -17,7 +17,7 @@ import yaml
 
 from .encoding import encode_prompt
 from .formats import format_user_turn
-from .tables import comparison_rows, is_smoke
+from .tables import comparison_rows, format_harness_table, is_smoke
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 # name in the card, and whether higher is better, for the metrics `evaluate_model` writes
@@ -36,11 +36,15 @@ def write_card(folder: str | Path, run_config: dict, metrics: dict, tokenizer, m
     """Write `folder/README.md` (replacing PEFT's empty template) and return its path: the card of
     the run in `run_config["output_dir"]`, or of its merged export when `merged_to` names that folder."""
     path = Path(folder) / "README.md"
-    path.write_text(render_card(run_config, metrics, tokenizer, merged_to), encoding="utf-8")
+    harness = _read_json(Path(folder) / "lm_eval.json")  # `python -m tinyllama_ft evaluate`'s results, if run
+    if harness and (Path(folder) / "lm_eval.png").is_file():
+        harness = {**harness, "chart": "lm_eval.png"}
+    path.write_text(render_card(run_config, metrics, tokenizer, merged_to, harness), encoding="utf-8")
     return path
 
 
-def render_card(run_config: dict, metrics: dict, tokenizer, merged_to: str | None = None) -> str:
+def render_card(run_config: dict, metrics: dict, tokenizer, merged_to: str | None = None,
+                harness: dict | None = None) -> str:
     if run_config.get("stage") == "dpo":  # a DPO run describes both of its stages
         return render_dpo_card(run_config, metrics, tokenizer, merged_to)
     run_dir = str(run_config.get("output_dir", "runs/model"))
@@ -49,7 +53,7 @@ def render_card(run_config: dict, metrics: dict, tokenizer, merged_to: str | Non
     front = yaml.safe_dump(front_matter(name, run_config, metrics, merged), sort_keys=False, allow_unicode=True)
     sections = [f"---\n{front}---", summary(name, run_config, metrics, merged), data_section(run_config),
                 prompt_section(tokenizer), training_section(run_config, metrics), results_section(metrics),
-                usage_section(name, run_dir, merged_to), limitations_section(metrics)]
+                *([harness_section(harness)] if harness else []), usage_section(name, run_dir, merged_to), limitations_section(metrics)]
     return "\n\n".join(sections) + "\n"
 
 
@@ -197,6 +201,21 @@ def results_section(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def harness_section(results: dict) -> str:
+    """`python -m tinyllama_ft evaluate`'s table: lm-eval tasks, base vs fine-tuned, ± standard error."""
+    limit = results.get("limit")
+    lines = ["## Benchmarks: what did fine-tuning cost?", "",
+             f"lm-evaluation-harness {results.get('lm_eval_version', '')} on the base model (adapter off) and the "
+             "fine-tuned one, same tasks and settings, zero-shot"
+             + (f", the first {limit} rows of each task" if limit else "")
+             + (", prompts in the chat template" if results.get("apply_chat_template") else
+                ", plain text (no chat template)") + " (`python -m tinyllama_ft evaluate`; `lm_eval.json`).", "",
+             format_harness_table(results).markdown]
+    if results.get("chart"):
+        lines += ["", f"![base vs fine-tuned]({results['chart']})"]
+    return "\n".join(lines)
+
+
 def usage_section(name: str, run_dir: str, merged_to: str | None) -> str:
     merged = merged_to is not None
     here = merged_to if merged else run_dir
@@ -264,6 +283,13 @@ def _cell(value) -> str:
     if isinstance(value, list):
         return ", ".join(map(str, value))
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def read_run(folder: str | Path) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""`python -m tinyllama_ft {config,preview,train,generate,chat,serve,export,bench}`: every error is one line."""
+"""`python -m tinyllama_ft {config,preview,train,generate,chat,serve,export,evaluate,bench}`: every error is one line."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from .errors import ArgParser, UserError
 
@@ -30,6 +31,10 @@ commands:
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
             [--format gguf [--quantization f16|q8_0]]  or one .gguf + Ollama Modelfile
+  evaluate  --adapter DIR [--tasks T1,T2,...] [--include_path DIR] [--limit N] [--batch_size B|auto]
+            [--apply_chat_template] [--out F.json]
+                                                  base vs fine-tuned on lm-eval benchmarks (needs
+                                                  lm-eval; default: TinyLlama's EVAL.md set)
   bench     --preset cpu|gpu [--repeat N] [--out F.json]
                                                   seed configuration vs default, side by side
 
@@ -45,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train, "dpo": cmd_dpo,
-                "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "bench": cmd_bench}
+                "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export,
+                "evaluate": cmd_evaluate, "bench": cmd_bench}
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
         return 2
@@ -227,6 +233,39 @@ def cmd_export(args: list[str]) -> None:
         print(export_merged(opts.adapter, opts.out))
     if opts.push_to_hub:
         print(push_to_hub(opts.out, opts.push_to_hub), file=sys.stderr)
+
+
+def cmd_evaluate(args: list[str]) -> None:
+    """lm-evaluation-harness on the base and the fine-tuned model (`harness.py`; the Dolly evaluation
+    that `train` runs is `evaluate.py`)."""
+    from .harness import (DEFAULT_TASKS, evaluate_saved, parse_tasks, require_lm_eval, results_path, update_card,
+                          write_results)
+
+    parser = _parser("evaluate")
+    parser.add_argument("--adapter", required=True, help="a run folder, a checkpoint-N folder or a merged export")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help="lm-eval task names, comma-separated (default: TinyLlama's EVAL.md set; offline: dolly_mc)")
+    parser.add_argument("--include_path", help="a folder of your own lm-eval task YAML files")
+    parser.add_argument("--limit", type=int, help="only the first N rows of each task (a quick look)")
+    parser.add_argument("--batch_size", help="rows a forward pass, or auto (default: auto on a GPU, 8 on the CPU)")
+    parser.add_argument("--apply_chat_template", action="store_true",
+                        help="render prompts with the model's chat template (for generative tasks)")
+    parser.add_argument("--out", help="results JSON (default: DIR/lm_eval.json; a .md table and .png chart beside)")
+    opts = _parse(parser, args)
+    require_lm_eval()
+    if opts.limit is not None and opts.limit <= 0:
+        raise UserError(f"--limit must be > 0, got {opts.limit}: the number of rows of each task")
+    batch_size = opts.batch_size
+    if batch_size is not None and batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        raise UserError(f"--batch_size must be a whole number > 0 or auto, got {batch_size!r}")
+    out = results_path(opts.adapter, opts.out)
+    results = evaluate_saved(opts.adapter, parse_tasks(opts.tasks), opts.include_path, opts.limit,
+                             int(batch_size) if batch_size and batch_size.isdigit() else batch_size,
+                             opts.apply_chat_template)
+    for path in write_results(results, out):
+        print(path)
+    if out == Path(opts.adapter) / "lm_eval.json" and update_card(opts.adapter):
+        print(Path(opts.adapter) / "README.md")
 
 
 def cmd_bench(args: list[str]) -> None:

@@ -122,6 +122,13 @@ class Config(SFTConfig):
     test_size: int = field(default=500, metadata={"help": "Test rows (generation metrics), held out first."})
     num_generate: int = field(default=200, metadata={"help": "Test rows to generate from for ROUGE/BLEU/EOS rate."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per response."})
+    harness_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Notebook only: lm-eval tasks of its section 'What did it forget?' (base vs fine-tuned "
+                  "through lm-evaluation-harness, on the saved run), e.g. hellaswag arc_easy; empty: skipped, except "
+                  "smoke runs, which run the bundled offline task dolly_mc. `train` does not run them; from a shell: "
+                  "`python -m tinyllama_ft evaluate --adapter RUN --tasks ...`."},
+    )
     tokenization_cache: bool = field(
         default=True,
         metadata={"help": "Keep the tokenized rows in the datasets cache (HF_DATASETS_CACHE/tinyllama_ft), keyed by "

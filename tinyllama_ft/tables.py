@@ -299,3 +299,30 @@ def format_dpo_table(metrics: dict, save_to=None) -> Rendered:
     table = _table(["metric", "SFT (before)", "DPO (after)"], body)
     _save_text(table.markdown, save_to)
     return table
+
+
+# --- lm-evaluation-harness results -----------------------------------------------------------------
+
+def harness_rows(results: dict) -> list[dict]:
+    """One row per task and metric: base and tuned value ± stderr, and the difference."""
+    rows = []
+    for task, metrics in results["tuned"].items():
+        for metric, tuned in metrics.items():
+            base = results["base"].get(task, {}).get(metric)
+            if base is not None:
+                rows.append({"task": task, "metric": metric, "base": base, "tuned": tuned,
+                             "difference": tuned["value"] - base["value"]})
+    return rows
+
+
+def format_harness_table(results: dict, save_to=None) -> Rendered:
+    """`python -m tinyllama_ft evaluate`'s results (`harness.py`, `lm_eval.json`) as the notebook and the
+    model card show them: task | metric | base | fine-tuned | difference (values ± standard error)."""
+    cell = lambda v: f"{v['value']:.4f}" + (f" ± {v['stderr']:.4f}" if v.get("stderr") is not None  # noqa: E731
+                                            and v["stderr"] == v["stderr"] else "")  # NaN: none
+    rows = [(r["task"], r["metric"], cell(r["base"]), cell(r["tuned"]), f"{r['difference']:+.4f}")
+            for r in harness_rows(results)]
+    rendered = _table(["task", "metric", "base", "fine-tuned", "difference"], rows)
+    if save_to:
+        _save_text(rendered.markdown, save_to)
+    return rendered
