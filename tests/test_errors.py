@@ -39,7 +39,7 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--dataset_name", "{tmp}/rows.csv"], "not .json, .jsonl or .parquet"),
     (["--dataset_name", "{tmp}/broken.jsonl"], "invalid JSON on line 3"),
     (["--lora_rank", "8"], "lora_rank"),
-    (["--lora_r", "eight"], "invalid int value: 'eight'"),
+    (["--lora_r", "eight"], "--lora_r eight: must be a whole number: pass --lora_r 16"),
     (["--lora_r", "0"], "lora_r must be > 0"),
     (["--learning_rate", "0"], "learning_rate must be > 0"),
     (["--max_length", "20"], "fits in max_length 20"),
