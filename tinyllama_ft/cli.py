@@ -23,7 +23,7 @@ commands:
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N] [--system_prompt TEXT]
   chat      --adapter DIR [--max_new_tokens N] [--temperature T] [--top_p P] [--system TEXT]
                                                   talk to a run or a merged export, streamed
-  serve     --adapter DIR [--host 127.0.0.1] [--port 8000]
+  serve     --adapter DIR [--host 127.0.0.1] [--port 8000] [--max_new_tokens N] [--request_timeout S]
                                                   OpenAI-compatible /v1/chat/completions
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
@@ -184,10 +184,13 @@ def cmd_serve(args: list[str]) -> None:
     parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max_new_tokens", type=int, default=1024,
+                        help="the most tokens an answer gets (and never more than the context leaves)")
+    parser.add_argument("--request_timeout", type=float, default=300.0, help="seconds a request may generate")
     opts = _parse(parser, args)
     from .serve import serve
 
-    serve(opts.adapter, opts.host, opts.port)
+    serve(opts.adapter, opts.host, opts.port, opts.max_new_tokens, opts.request_timeout)
 
 
 def cmd_export(args: list[str]) -> None:
