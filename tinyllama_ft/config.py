@@ -321,8 +321,10 @@ def check_model_fits(config: Config) -> None:
     if model is None:  # (under ZeRO-3 a meta model cannot be built: the tiny one is built for real above)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    every = config.lora_target_modules == ["all-linear"]
     widths = {name.rsplit(".", 1)[-1]: min(m.in_features, m.out_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in config.lora_target_modules}
+              if isinstance(m, torch.nn.Linear) and (name.rsplit(".", 1)[-1] in config.lora_target_modules
+                                                     or every and not name.endswith("lm_head"))}
     if widths and config.lora_r > min(widths.values()):
         name = min(widths, key=widths.get)
         raise UserError(f"lora_r {config.lora_r} is larger than {name}'s smallest dimension {widths[name]}, so "
