@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package of t
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from tinyllama_ft import artifacts
+from tinyllama_ft import evaluate, run_folder
 from tinyllama_ft.cli import main
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started in a background job
@@ -75,7 +75,8 @@ def pausing_model(*args, **kwargs):
     return evaluate_model(*args, **kwargs)
 
 
-pipeline.evaluate_base, pipeline.evaluate_model = pausing_base, pausing_model
+pipeline.evaluate_base = pausing_base
+pipeline.evaluate_model = evaluate.evaluate_model = pausing_model  # evaluate_base calls it too
 
 replace, moved = os.replace, []
 
@@ -88,5 +89,5 @@ def pausing_replace(source, target, *args, **kwargs):
     return replace(source, target, *args, **kwargs)
 
 
-artifacts.os.replace = pausing_replace
+run_folder.os.replace = pausing_replace
 sys.exit(main(argv))

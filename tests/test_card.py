@@ -8,7 +8,8 @@ import yaml
 
 from tinyllama_ft import export_merged, generate, load_for_inference
 from tinyllama_ft.card import render_card
-from tinyllama_ft.chat import Chat, load_chat_model
+from tinyllama_ft.chat import Chat
+from tinyllama_ft.saved_model import load_saved
 from tinyllama_ft.modeling import build_tiny_tokenizer
 
 from runs import stories_run
@@ -77,5 +78,5 @@ def test_run_folder_and_merged_export_carry_the_card(tmp_path):
     assert model_index(merged_card) == index
     model, tokenizer = load_for_inference(str(run), device="cpu")
     expected = generate(model, tokenizer, "Name three primes.", max_new_tokens=16, progress=False)["text"]
-    merged_model, merged_tokenizer = load_chat_model(str(merged), device="cpu")
+    merged_model, merged_tokenizer = load_saved(str(merged), device="cpu")
     assert Chat(merged_model, merged_tokenizer, max_new_tokens=16).ask("Name three primes.") == expected

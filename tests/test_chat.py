@@ -7,8 +7,9 @@ import io
 import pytest
 
 from tinyllama_ft import encode_prompt, generate, load_for_inference
-from tinyllama_ft.artifacts import saved_system_prompt
-from tinyllama_ft.chat import Chat, chat_turns, load_chat_model, run_chat
+from tinyllama_ft.saved_model import saved_system_prompt
+from tinyllama_ft.chat import Chat, chat_turns, run_chat
+from tinyllama_ft.saved_model import load_saved
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
 
@@ -74,7 +75,7 @@ def test_special_token_text_is_reported_and_the_chat_goes_on(tiny, capsys):
 
 def test_a_folder_that_is_neither_a_run_nor_a_merged_model_is_one_line(tmp_path):
     with pytest.raises(UserError, match="neither a run folder .* nor a merged export"):
-        load_chat_model(str(tmp_path))
+        load_saved(str(tmp_path))
     (tmp_path / "run_config.json").write_text('{"system_prompt": "Be brief."}')
     assert saved_system_prompt(str(tmp_path)) == "Be brief."
     (tmp_path / "run_config.json").write_text('{"system_prompt": ""}')

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from tinyllama_ft import export_merged, generate, load_for_inference, load_rows, parse_config, train
+from tinyllama_ft import export_merged, generate, load_saved, load_rows, parse_config, train
 from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
@@ -136,11 +136,11 @@ def test_python_api(flags, message, tmp, monkeypatch):
 # Other commands: (arguments of `python -m tinyllama_ft`, the same through the Python API, the message).
 OTHER_CASES = [
     (["generate", "--adapter", "{tmp}/a_file.txt", "--instruction", "Hi."],
-     lambda tmp: load_for_inference(f"{tmp}/a_file.txt"), "is a file: pass the run folder"),
+     lambda tmp: load_saved(f"{tmp}/a_file.txt"), "is a file: pass the run folder"),
     (["generate", "--adapter", "{tmp}/no_tokenizer", "--instruction", "Hi."],
-     lambda tmp: load_for_inference(f"{tmp}/no_tokenizer"), "holds a full (merged) model, not a LoRA adapter"),
+     lambda tmp: load_saved(f"{tmp}/no_tokenizer"), "has no tokenizer files"),
     (["generate", "--adapter", "{tmp}/nowhere", "--instruction", "Hi."],
-     lambda tmp: load_for_inference(f"{tmp}/nowhere"), "does not exist: pass the output folder"),
+     lambda tmp: load_saved(f"{tmp}/nowhere"), "does not exist: pass the output folder"),
     (["generate", "--adapter", "{tmp}/run", "--instruction", "  "],
      lambda tmp: generate(build_tiny_model(), build_tiny_tokenizer(), "  "), "instruction is empty"),
     (["generate", "--adapter", "{tmp}/run", "--instruction", "Hi.", "--max_new_tokens", "0"],
@@ -151,7 +151,7 @@ OTHER_CASES = [
     (["export", "--adapter", "{tmp}/run", "--out", "{tmp}/a_file.txt"],
      lambda tmp: export_merged(f"{tmp}/run", f"{tmp}/a_file.txt"), "is an existing file"),
     (["export", "--adapter", "{tmp}/no_tokenizer", "--out", "{tmp}/merged"],
-     lambda tmp: export_merged(f"{tmp}/no_tokenizer", f"{tmp}/merged"), "holds a full (merged) model"),
+     lambda tmp: export_merged(f"{tmp}/no_tokenizer", f"{tmp}/merged"), "has no tokenizer files"),
     (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/text.parquet"],
      lambda tmp: load_rows(f"{tmp}/text.parquet"), "is not a Parquet file"),
     (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/empty_folder", "--n", "3"],
@@ -165,12 +165,12 @@ PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
 
 @pytest.mark.parametrize("args, api, message", OTHER_CASES, ids=[" ".join(c[0][:3]) for c in OTHER_CASES])
 def test_other_commands(args, api, message, tmp, capsys, monkeypatch):
-    artifacts = importlib.import_module("tinyllama_ft.artifacts")
+    saved_model = importlib.import_module("tinyllama_ft.saved_model")
 
     def no_model_loading(*args, **kwargs):
         raise AssertionError("the error should be caught before the model loads")
 
-    monkeypatch.setattr(artifacts, "load_model", no_model_loading)
+    monkeypatch.setattr(saved_model, "load_model", no_model_loading)
     assert main([a.format(tmp=tmp) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from tinyllama_ft import encode_example, load_model, load_tokenizer, parse_config, to_example, train, wrap_lora
-from tinyllama_ft.evaluate import can_merge_lora, evaluate_loss, generate, merged_lora, pad_batch
+from tinyllama_ft.evaluate import evaluate_loss, pad_batch
+from tinyllama_ft.generation import can_merge_lora, generate, merged_lora
 from tinyllama_ft.timings import Timings
 
 # Loss sums here are ~10^4 nats over ~3,000 tokens; the two paths differ by fp32 rounding in the LM-head
@@ -128,19 +129,19 @@ def test_bf16_bases_are_not_merged(stories_dir):
 
 
 def test_comparison_and_timings_show_eos_logprob_and_stages(tmp_path):
-    from tinyllama_ft import plots
+    from tinyllama_ft import plots, tables
 
     metrics = {"eval_loss": 1.0, "base_eval_loss": 2.0, "eos_logprob": -3.5, "base_eos_logprob": -25.4,
                "per_category": {"base": {"qa": {"eos_logprob": -20.0}}, "tuned": {"qa": {"eos_logprob": -2.0}}},
                "timings": {"prepare_data": 1.0, "train": 6.0, "save": 0.5, "total": 8.0}}
-    rows = plots.comparison_rows(metrics)
+    rows = tables.comparison_rows(metrics)
     assert rows[0][("eos_logprob", "base")] == -25.4 and rows[0][("eos_logprob", "tuned")] == -3.5
     assert rows[1]["scope"] == "qa" and rows[1][("eos_logprob", "tuned")] == -2.0
-    table = str(plots.format_comparison_table(metrics)).splitlines()
+    table = str(tables.format_comparison_table(metrics)).splitlines()
     assert table[0].split()[-6:] == ["EOS", "log-prob", "base", "EOS", "log-prob", "tuned"]
     assert table[2].split()[-2:] == ["-25.400", "-3.500"]
     plots.plot_comparison(metrics, save_to=tmp_path / "comparison.png")
-    timings = str(plots.format_timings(metrics["timings"], save_to=tmp_path / "timings.md")).splitlines()
+    timings = str(tables.format_timings(metrics["timings"], save_to=tmp_path / "timings.md")).splitlines()
     assert [line.split()[0] for line in timings[2:5]] == ["prepare_data", "train", "save"]
     assert timings[3].split()[1:] == ["6.0", "75%"] and timings[-2].split()[-1] == "0.5"  # 8 - 7.5 outside
     plots.plot_timings(metrics["timings"], save_to=tmp_path / "timings.png")
@@ -185,13 +186,14 @@ def test_train_records_timings_that_add_up(tmp_path):
 
 
 @pytest.mark.slow  # two evaluation paths on the bench model (random Llama, vocabulary 32,000): ~1 minute
-def test_bench_eval_compares_the_paths_on_the_same_numbers(tmp_path):
-    from tinyllama_ft.bench import assets_dir, main
+def test_eval_paths_compares_the_paths_on_the_same_numbers(tmp_path):
+    from benchmarks.eval_paths import main
+    from tinyllama_ft.bench import assets_dir
 
     if not (assets_dir() / "tinyllama-tokenizer").is_dir():
         pytest.skip(f"the real TinyLlama tokenizer is not under {assets_dir()} (set TINYLLAMA_ASSETS)")
     out = tmp_path / "bench.json"
-    report = main(["--preset", "cpu", "--eval", "--rows", "5", "--max_new_tokens", "4", "--out", str(out)])
+    report = main(["--preset", "cpu", "--rows", "5", "--max_new_tokens", "4", "--out", str(out)])
     assert json.loads(out.read_text())["speedup"] == pytest.approx(report["speedup"])
     assert report["validation_rows"] == 5 and report["generated_rows"] == 2 and report["texts"] == 4
     assert report["max_relative_difference"] <= 1e-5  # labelled-only vs full logits
@@ -201,9 +203,9 @@ def test_bench_eval_compares_the_paths_on_the_same_numbers(tmp_path):
         assert report[path]["base"]["generated_tokens"] == 2 * 4  # a random model never stops early
 
 
-def test_bench_eval_rejects_a_budget_of_zero():
-    from tinyllama_ft.bench import main
+def test_eval_paths_rejects_a_budget_of_zero():
+    from benchmarks.eval_paths import main
     from tinyllama_ft.errors import UserError
 
     with pytest.raises(UserError, match="--max_new_tokens must be >= 1"):
-        main(["--preset", "cpu", "--eval", "--max_new_tokens", "0"])
+        main(["--preset", "cpu", "--max_new_tokens", "0"])

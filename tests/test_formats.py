@@ -12,9 +12,10 @@ import pytest
 from tinyllama_ft import parse_config, train
 from tinyllama_ft.cli import main
 from tinyllama_ft.config import SAMPLE_DATA
-from tinyllama_ft.data import (IGNORE_INDEX, encode_example, encode_prompt, encode_rows, exclusion_counts,
-                               format_user_turn, load_rows, parse_columns, prompt_messages, split_rows,
-                               to_conversation, to_conversations, to_example)
+from tinyllama_ft.data import exclusion_counts, split_rows
+from tinyllama_ft.encoding import IGNORE_INDEX, encode_example, encode_prompt, encode_rows
+from tinyllama_ft.formats import (format_user_turn, load_rows, parse_columns, prompt_messages, to_conversation,
+                                  to_conversations, to_example)
 from tinyllama_ft.errors import UserError
 
 BOS, EOS = 1, 2
@@ -242,7 +243,7 @@ def test_evaluation_generates_the_last_turn_given_the_earlier_ones(tmp_path, mon
         seen["prompts"] = [encode_prompt(tokenizer, prompt_messages(m)) for m in instructions]
         return [{"text": "x", "ended": True} for _ in instructions]
 
-    monkeypatch.setattr(importlib.import_module("tinyllama_ft.train"), "generate", spy)
+    monkeypatch.setattr(importlib.import_module("tinyllama_ft.evaluate"), "generate", spy)
     metrics = evaluate_model(config, setup_model(config, tokenizer), tokenizer, data)
     for prompt, index in zip(seen["prompts"], data.generate_rows):
         ids, labels = data.encoded[index]["input_ids"], data.encoded[index]["labels"]

@@ -13,7 +13,7 @@ import torch
 from tinyllama_ft import (build_trainer, encode_prompt, fit, load_for_inference, load_rows, load_tokenizer,
                           parse_config, prepare_data, save_run, setup_model, to_example)
 from tinyllama_ft.cli import main as cli_main
-from tinyllama_ft.data import find_special_text
+from tinyllama_ft.encoding import find_special_text
 from tinyllama_ft.evaluate import pad_batch
 from tinyllama_ft.gguf_export import (JINJA_SPACE, OLLAMA_SPACE, OLLAMA_TEMPLATE, export_gguf,
                                       find_tokenizer_model, modelfile_text, write_gguf)

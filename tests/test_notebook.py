@@ -136,7 +136,7 @@ def test_loss_mask_wraps_exactly_the_response_and_its_eos(tiny_tokenizer, tmp_pa
 
 
 def test_loss_curves_and_comparison_save_pngs_and_tables(tmp_path):
-    from tinyllama_ft import plots
+    from tinyllama_ft import plots, tables
 
     history = [{"loss": 2.0, "learning_rate": 1e-4, "step": 1}, {"loss": 1.5, "learning_rate": 2e-4, "step": 2},
                {"eval_loss": 1.6, "step": 2}, {"train_runtime": 1.0, "train_loss": 1.75, "step": 2}]
@@ -149,7 +149,7 @@ def test_loss_curves_and_comparison_save_pngs_and_tables(tmp_path):
                "per_category": {"base": {"open_qa": scores(2.0, 0.1, 0.0), "summarization": scores(2.0, 0.1, 0.5)},
                                 "tuned": {"open_qa": scores(1.0, 0.4, 1.0), "summarization": scores(1.0, 0.2, 0.5)}}}
     plots.plot_comparison(metrics, save_to=tmp_path / "comparison.png")
-    table = plots.format_comparison_table(metrics, save_to=tmp_path / "comparison.md")
+    table = tables.format_comparison_table(metrics, save_to=tmp_path / "comparison.md")
     lines = str(table).splitlines()
     assert lines[2].split()[:10] == ["overall", "4/4", "2.000", "1.000", "7.4", "2.7", "0.100", "0.300", "0.200",
                                      "0.900"]

@@ -21,7 +21,7 @@ import hashlib
 import pytest
 import torch
 
-from tinyllama_ft.bench import PROPOSED, SEED, assets_dir
+from tinyllama_ft.bench import SEED, assets_dir
 
 ASSETS = assets_dir()
 STORIES = ASSETS / "stories260k"
@@ -41,7 +41,8 @@ ATOL = 1e-4
 def _build(overrides: dict, tmp_path):
     from tinyllama_ft.config import parse_config
     from tinyllama_ft.modeling import load_tokenizer
-    from tinyllama_ft.train import build_trainer, prepare_data, setup_model
+    from tinyllama_ft.data import prepare_data
+    from tinyllama_ft.train import build_trainer, setup_model
 
     config = parse_config(
         [], model_name_or_path=str(STORIES), dataset_name=str(DOLLY), output_dir=str(tmp_path / "run"),
@@ -66,7 +67,7 @@ def _build(overrides: dict, tmp_path):
 def trainers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packing")
     seed, data = _build(dict(SEED), tmp / "seed")
-    fast, _ = _build(dict(PROPOSED), tmp / "fast")
+    fast, _ = _build({}, tmp / "fast")
     return seed, fast, data
 
 
@@ -186,7 +187,7 @@ def test_a_trl_without_the_switch_is_reported(tmp_path, monkeypatch, caplog):
 
     monkeypatch.delattr(trl_utils, "_use_triton")
     with caplog.at_level(logging.WARNING, logger="tinyllama_ft.train"):
-        _build(dict(PROPOSED), tmp_path)
+        _build({}, tmp_path)
     assert "has no trl.trainer.utils._use_triton: lm_head_labelled_only=True has no effect" in caplog.text
 
 
@@ -271,7 +272,7 @@ def test_training_through_fit_learns_the_same_adapters(tmp_path):
 
     common = dict(learning_rate=2e-3, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1)
     runs, runs_initial = {}, {}
-    for name, overrides in (("seed", SEED), ("fast", PROPOSED)):
+    for name, overrides in (("seed", SEED), ("fast", {})):
         trainer, _ = _build(dict(overrides, **common), tmp_path / name)
         runs_initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
         metrics = fit(trainer)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from tinyllama_ft import parse_config
-from tinyllama_ft.artifacts import check_output_dir, resume_path
+from tinyllama_ft.run_folder import check_output_dir, resume_path
 from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
 

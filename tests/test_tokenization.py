@@ -4,7 +4,8 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from tinyllama_ft.data import IGNORE_INDEX, encode_example, encode_prompt, encode_rows, to_example
+from tinyllama_ft.encoding import IGNORE_INDEX, encode_example, encode_prompt, encode_rows
+from tinyllama_ft.formats import to_example
 from tinyllama_ft.errors import UserError
 
 BOS, EOS = 1, 2
@@ -80,18 +81,18 @@ def test_tokenization_cache_gives_the_same_encodings_without_tokenizing(tinyllam
     import copy
     import logging
 
-    import tinyllama_ft.data as data
+    import tinyllama_ft.encoding as encoding
 
     rows = dolly_rows[:100] + [dict(dolly_rows[0], response="Done.</s>")]  # one excluded for its special string
     fresh = encode_rows(tinyllama_tokenizer, rows, max_length=256)
     assert fresh[1] and encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh
     (cached,) = tmp_path.iterdir()
-    assert cached.suffix == ".npz" and cached == data.encoding_cache_path(tinyllama_tokenizer, rows, tmp_path)
+    assert cached.suffix == ".npz" and cached == encoding.encoding_cache_path(tinyllama_tokenizer, rows, tmp_path)
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized although the cache holds these rows")
 
-    monkeypatch.setattr(data, "encode_example", no_tokenizing)
+    monkeypatch.setattr(encoding, "encode_example", no_tokenizing)
     assert encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh
     longer = encode_rows(tinyllama_tokenizer, rows, 10**6, cache_dir=tmp_path)  # any max_length, same file
     assert longer[0].keys() > fresh[0].keys() and longer[2] == fresh[2]
@@ -101,10 +102,10 @@ def test_tokenization_cache_gives_the_same_encodings_without_tokenizing(tinyllam
 
     other = copy.deepcopy(tinyllama_tokenizer)  # another chat template: another file
     other.chat_template = tinyllama_tokenizer.chat_template.replace("<|assistant|>", "<|assistant|> ")
-    assert data.encoding_cache_path(other, rows, tmp_path) != cached
+    assert encoding.encoding_cache_path(other, rows, tmp_path) != cached
 
     cached.write_bytes(cached.read_bytes()[:1000])  # truncated: read as a miss, said, and rewritten
-    with caplog.at_level(logging.WARNING, logger="tinyllama_ft.data"):
+    with caplog.at_level(logging.WARNING, logger="tinyllama_ft.encoding"):
         assert encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh
     assert "ignoring unreadable tokenization cache" in caplog.text
     assert encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh

@@ -11,21 +11,42 @@ Stages, in the order the notebook calls them::
     train_metrics = fit(trainer)
     tuned = evaluate_model(config, model, tokenizer, data)
     save_run(...)                                  # or simply: train(config)
-    model, tokenizer = load_for_inference(config.output_dir)
+    model, tokenizer = load_saved(config.output_dir)   # a run folder, a checkpoint-N or a merged export
     generate(model, tokenizer, "Name three primes.")
+
+The names below are imported on first use (`__getattr__`), so that `import tinyllama_ft` and the
+command line's `--help` do not wait for torch.
 """
 
-from .artifacts import export_merged, load_for_inference, save_run
-from .config import Config, notebook_config, parse_config
-from .data import encode_example, encode_prompt, format_user_turn, load_rows, to_example
-from .errors import UserError
-from .evaluate import evaluate_loss, generate, score_generations
-from .modeling import load_model, load_tokenizer, wrap_lora
-from .train import build_trainer, evaluate_base, evaluate_model, fit, prepare_data, setup_model, summarize, train
+from __future__ import annotations
 
-__all__ = [
-    "Config", "UserError", "build_trainer", "encode_example", "encode_prompt", "evaluate_base", "evaluate_loss",
-    "evaluate_model", "export_merged", "fit", "format_user_turn", "generate", "load_for_inference", "load_model",
-    "load_rows", "load_tokenizer", "notebook_config", "parse_config", "prepare_data", "save_run", "score_generations", "setup_model",
-    "summarize", "to_example", "train", "wrap_lora",
-]
+import importlib
+
+_EXPORTS = {  # name -> the module that defines it, in the order the data flows
+    "UserError": "errors",
+    "Config": "config", "notebook_config": "config", "parse_config": "config",
+    "format_user_turn": "formats", "load_rows": "formats", "to_example": "formats",
+    "encode_example": "encoding", "encode_prompt": "encoding",
+    "prepare_data": "data",
+    "load_model": "modeling", "load_tokenizer": "modeling", "wrap_lora": "modeling",
+    "build_trainer": "train", "fit": "train", "setup_model": "train", "train": "train",
+    "evaluate_base": "evaluate", "evaluate_loss": "evaluate", "evaluate_model": "evaluate",
+    "score_generations": "evaluate", "summarize": "evaluate",
+    "generate": "generation",
+    "save_run": "run_folder",
+    "load_for_inference": "saved_model", "load_saved": "saved_model",
+    "export_merged": "export",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -24,19 +24,14 @@ hub.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import ArgParser, UserError
 
 TINYLLAMA_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,30 +51,17 @@ SEED = dict(
     lm_head_labelled_only=False,
 )
 
-# The proposed default, as overrides of the current defaults (a no-op once config.py carries them).
-# Padding-free batches of the same 2 random rows: the rows are concatenated into one sequence with
-# position ids restarting at 0 per row, so nothing is padded and (with SDPA or FlashAttention) no row
-# attends to another; the same rows make the same optimizer steps, so what is learned is unchanged.
-# The LM head runs only at labelled positions (their loss and gradients are all there is).
-# Gradient checkpointing stays on (the default) until `--preset gpu` has measured that TinyLlama at
-# batch 2 x 1,024 tokens fits 12 GB without it; `no_checkpointing` among the candidates measures the gain.
-PROPOSED = dict(
-    padding_free=True,
-    optim="adamw_torch_fused",
-    lm_head_labelled_only=True,
-)
-
-# Other candidates measured for docs/PERFORMANCE.md (`--candidates`); each is PROPOSED/SEED + overrides.
+# Other candidates measured for docs/PERFORMANCE.md (`--candidates`): overrides of the defaults, or SEED + overrides.
 CANDIDATES = {
     "seed_no_checkpointing": dict(SEED, gradient_checkpointing=False),
     "seed_labelled_head": dict(SEED, lm_head_labelled_only=True),
-    "default_all_positions": dict(PROPOSED, lm_head_labelled_only=False),
+    "default_all_positions": dict(lm_head_labelled_only=False),
     "group_by_length": dict(SEED, gradient_checkpointing=False, optim="adamw_torch_fused",
                             lm_head_labelled_only=True, train_sampling_strategy="group_by_length"),
-    "no_checkpointing": dict(PROPOSED, gradient_checkpointing=False),
-    "padding_free_4x4": dict(PROPOSED, per_device_train_batch_size=4, gradient_accumulation_steps=4),
-    "padding_free_16x1": dict(PROPOSED, per_device_train_batch_size=16, gradient_accumulation_steps=1),
-    "packing_bfd": dict(PROPOSED, packing=True, packing_strategy="bfd", per_device_train_batch_size=1,
+    "no_checkpointing": dict(gradient_checkpointing=False),
+    "padding_free_4x4": dict(per_device_train_batch_size=4, gradient_accumulation_steps=4),
+    "padding_free_16x1": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
+    "packing_bfd": dict(packing=True, packing_strategy="bfd", per_device_train_batch_size=1,
                         gradient_accumulation_steps=4),
 }
 
@@ -125,15 +107,10 @@ def _architecture_source() -> str:
     return str(local) if (local / "config.json").is_file() else TINYLLAMA_ID
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error of the command line
-        raise UserError(f"{self.prog}: {message}")
-
-
 # --- the command -------------------------------------------------------------------------------
 
 def main(args: list[str]) -> dict:
-    parser = _Parser(prog="python -m tinyllama_ft bench",
+    parser = ArgParser(prog="python -m tinyllama_ft bench",
                      description="Seed training configuration vs the project default.")
     parser.add_argument("--preset", required=True, choices=sorted(BENCH_PRESETS))
     parser.add_argument("--out", help="also write the results as JSON here")
@@ -146,11 +123,6 @@ def main(args: list[str]) -> dict:
                         "(for a shared or noisy machine)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads per training process (default: PyTorch's, one per core)")
-    parser.add_argument("--eval", action="store_true",
-                        help="time evaluation instead (base + fine-tuned: validation loss and greedy generation), "
-                        "the code before (full logits, batches of 8, LoRA unmerged) against today's, side by side")
-    parser.add_argument("--max_new_tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
-                        help=f"with --eval: generation budget per answer (default {EVAL_MAX_NEW_TOKENS})")
     opts = parser.parse_args(args)
     if opts.threads is not None and opts.threads < 1:
         raise UserError(f"bench: --threads must be >= 1, got {opts.threads}")
@@ -172,8 +144,6 @@ def main(args: list[str]) -> dict:
         if not out_dir.is_dir():
             raise UserError(f"bench: folder {out_dir} of --out does not exist")
 
-    if opts.eval:
-        return main_eval(opts, preset)
     dataset = bench_dataset()
     if dataset == _bundled_sample() and opts.rows is None:  # 48 rows only
         preset["train_size"] = 32
@@ -187,7 +157,7 @@ def main(args: list[str]) -> dict:
         common = dict(model_name_or_path=prepared["folder"], dataset_name=dataset,
                       train_size=preset["train_size"], max_length=preset["max_length"])
         precision = {"cpu": "fp32", "gpu": "fp16"}[device]
-        configs = {"baseline": dict(SEED, precision=precision), "default": dict(PROPOSED, precision="auto")}
+        configs = {"baseline": dict(SEED, precision=precision), "default": dict(precision="auto")}
         if opts.candidates:  # those built on the seed keep the seed's precision
             configs |= {name: dict(c, precision=precision if c["optim"] == SEED["optim"] else "auto")
                         for name, c in CANDIDATES.items()}
@@ -254,15 +224,16 @@ def format_table(report: dict) -> str:
 
 # --- subprocesses ------------------------------------------------------------------------------
 
-def _run_worker(tmp: Path, kind: str, spec: dict) -> dict:
-    """Run `_worker` in a fresh Python process; its peak memory is its own."""
+def _run_worker(tmp: Path, kind: str, spec: dict, module: str = "tinyllama_ft.bench_worker") -> dict:
+    """Run a job of `module` (`python -m module SPEC`, `bench_worker._worker`) in a fresh Python process, so that
+    its peak memory is its own."""
     name = spec.get("name", kind)
     spec_path, result_path, log_path = tmp / f"{name}.spec.json", tmp / f"{name}.result.json", tmp / f"{name}.log"
     spec_path.write_text(json.dumps(dict(spec, kind=kind, result=str(result_path))), encoding="utf-8")
     result_path.unlink(missing_ok=True)  # a run repeated must not read its previous result
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.run([sys.executable, "-m", "tinyllama_ft.bench", str(spec_path)],
+        process = subprocess.run([sys.executable, "-m", module, str(spec_path)],
                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp))
     if process.returncode != 0 or not result_path.is_file():
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
@@ -273,214 +244,6 @@ def _run_worker(tmp: Path, kind: str, spec: dict) -> dict:
     if "error" in result:
         raise UserError(f"bench: the {name} run stopped: {result['error']}")
     return result
-
-
-def _worker(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    if spec.get("threads"):
-        import torch
-
-        torch.set_num_threads(spec["threads"])
-    try:
-        result = {"prepare": _prepare, "train": _train, "evaluate": _evaluate}[spec["kind"]](spec)
-    except UserError as error:  # reported by the parent as one line
-        result = {"error": str(error)}
-    Path(spec["result"]).write_text(json.dumps(result), encoding="utf-8")
-
-
-def _prepare(spec: dict) -> dict:
-    """Write the benchmark model (random weights) with the real TinyLlama tokenizer to `folder`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(_tokenizer_source())
-    device = spec["device"]
-    if spec["model"] is None:  # TinyLlama's exact architecture
-        config = LlamaConfig.from_pretrained(_architecture_source())
-        description = "TinyLlama-1.1B shape, random weights"
-    else:
-        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **spec["model"])
-        description = (f"random Llama hidden {config.hidden_size} x {config.num_hidden_layers} layers, "
-                       f"vocab {config.vocab_size}")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
-    embedding = model.get_input_embeddings().weight.numel()
-    parameters = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(spec["folder"])
-    tokenizer.save_pretrained(spec["folder"])
-    result = {"folder": spec["folder"], "model": f"{description}, {parameters / 1e6:.1f}M parameters",
-              "parameters": parameters, "matmul_parameters": parameters - embedding,
-              "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
-              "device_name": _device_name(device)}
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        result["bf16_matmul_peak_flops"] = bf16_matmul_peak()
-    return result
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    name = "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
-
-
-def bf16_matmul_peak(n: int = 8192, iterations: int = 20) -> float:
-    """Achieved bf16 matmul FLOP/s of the current GPU: the best of three timed runs of n x n x n."""
-    import torch
-
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(iterations):
-            a @ b
-        torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 * iterations / (time.perf_counter() - start))
-    del a, b
-    torch.cuda.empty_cache()
-    return best
-
-
-class CountingCollator:
-    """Wraps the trainer's collator; counts real tokens (the rows' own) and computed tokens (the batch), and
-    fingerprints the order of the rows and their grouping into micro-batches."""
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.real = self.computed = 0
-        self.row_lengths: list[int] = []
-        self._rows, self._batches = hashlib.sha1(), hashlib.sha1()
-
-    def __call__(self, examples):
-        batch = self.collator(examples)
-        for example in examples:
-            lengths = example.get("seq_lengths") or [len(example["input_ids"])]  # packed examples hold several
-            self.row_lengths += list(lengths)
-            self.real += sum(lengths)
-            self._rows.update(repr(list(example["input_ids"])).encode())
-        self._batches.update(repr([list(e["input_ids"]) for e in examples]).encode())
-        self.computed += batch["input_ids"].numel()
-        return batch
-
-    @property
-    def row_order_digest(self) -> str:
-        return self._rows.hexdigest()
-
-    @property
-    def micro_batch_digest(self) -> str:
-        return self._batches.hexdigest()
-
-
-def _cpu_seconds() -> float:
-    times = os.times()  # user + system CPU time of this process, on every OS
-    return times.user + times.system
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        import resource  # Unix only: imported here so that the module imports on Windows
-    except ImportError:
-        import psutil  # Windows: the peak working set
-
-        return psutil.Process().memory_info().peak_wset
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _train(spec: dict) -> dict:
-    import torch
-    from transformers import set_seed
-
-    from .config import parse_config
-    from .modeling import load_tokenizer
-    from .train import build_trainer, fit, prepare_data, setup_model
-
-    cuda = spec["device"] == "cuda"
-    tmp = Path(spec["tmp"])
-    overrides = dict(output_dir=str(tmp / "runs" / spec["name"]), eval_size=0, test_size=0, num_generate=0,
-                     eval_strategy="no", save_strategy="no", logging_steps=10_000, report_to="none",
-                     disable_tqdm=True, num_train_epochs=1, max_steps=-1, use_cpu=not cuda,
-                     dataloader_num_workers=0) | spec["overrides"]  # 0: the counting collator runs here
-    config = parse_config([], **overrides)
-    set_seed(config.seed)
-    tokenizer = load_tokenizer(config.model_name_or_path)
-    data = prepare_data(config, tokenizer)
-    model = setup_model(config, tokenizer)
-    trainer = build_trainer(config, model, tokenizer, data)
-    counter = trainer.data_collator = CountingCollator(trainer.data_collator)
-    if cuda:
-        torch.cuda.synchronize()
-    cpu_start = _cpu_seconds()
-    metrics = fit(trainer)
-    cpu_seconds = _cpu_seconds() - cpu_start
-    peak = metrics["peak_memory_reserved_bytes"] if cuda else _peak_rss_bytes()
-    steps = max(metrics["train_steps"], 1)
-    result = {
-        "real_tokens_per_second": counter.real / metrics["train_runtime"],
-        "padding_share": 1 - counter.real / max(counter.computed, 1),
-        "peak_memory_bytes": int(peak),
-        "seconds_per_step": metrics["train_runtime"] / steps,
-        "steps": metrics["train_steps"], "runtime_seconds": metrics["train_runtime"],
-        "real_tokens": counter.real, "computed_tokens": counter.computed,
-        "rows": len(counter.row_lengths), "sum_squared_row_lengths": sum(n * n for n in counter.row_lengths),
-        "process_cpu_seconds": cpu_seconds, "real_tokens_per_cpu_second": counter.real / cpu_seconds,
-        "row_order_digest": counter.row_order_digest, "micro_batch_digest": counter.micro_batch_digest,
-        "trainer_num_input_tokens_seen": metrics["train_tokens"], "train_loss": metrics["train_loss"],
-        "configuration": {k: getattr(config, k) for k in (
-            "per_device_train_batch_size", "gradient_accumulation_steps", "train_sampling_strategy", "padding_free",
-            "packing", "gradient_checkpointing", "optim", "lm_head_labelled_only", "precision", "attn_implementation")},
-        "attention": model.config._attn_implementation, "threads": torch.get_num_threads(),
-    }
-    result["worst_case_peak_memory_bytes"], result["worst_case_micro_batch_tokens"] = _worst_case_step(
-        trainer, data, config, cuda)
-    return result
-
-
-def _worst_case_step(trainer, data, config, cuda: bool) -> tuple[int, int]:
-    """Peak memory of one more forward/backward on the `per_device_train_batch_size` longest training rows:
-    the largest micro-batch this configuration can meet on this data (random order may not meet it)."""
-    import torch
-
-    rows = sorted(data.examples("train"), key=lambda e: len(e["input_ids"]), reverse=True)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[: config.per_device_train_batch_size]]
-    if config.packing:  # one pack of the longest rows that fit max_length
-        packed, total = [], 0
-        for r in rows:
-            if total + len(r["input_ids"]) <= config.max_length:
-                packed.append(r)
-                total += len(r["input_ids"])
-        rows = [{"input_ids": sum((r["input_ids"] for r in packed), []), "labels": sum((r["labels"] for r in packed), []),
-                 "seq_lengths": [len(r["input_ids"]) for r in packed]}]
-    batch = trainer.data_collator.collator(rows)
-    batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    trainer.model.train()
-    if cuda:  # from what stays allocated (weights, adapters, optimizer state) to this step's peak
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    trainer.training_step(trainer.model, batch)
-    tokens = int(batch["input_ids"].numel())
-    if cuda:
-        return int(torch.cuda.max_memory_reserved()), tokens
-    return _peak_rss_bytes(), tokens  # a high-water mark: the run's peak if that was higher
 
 
 def _add_mfu(result: dict, prepared: dict) -> None:
@@ -494,130 +257,3 @@ def _add_mfu(result: dict, prepared: dict) -> None:
     result["mfu"] = result["model_flops_per_second"] / prepared["bf16_matmul_peak_flops"]
     peak = max(result["peak_memory_bytes"], result["worst_case_peak_memory_bytes"])
     result["fits_12gb"] = peak + CUDA_CONTEXT_BYTES <= 12 * GIB
-
-
-# --- evaluation (--eval) -------------------------------------------------------------------------
-
-# The default run evaluates 500 validation rows (loss) and generates from 200 test rows (up to 256 new
-# tokens each), for the base and the fine-tuned model. `--eval` keeps the rows' proportion (5:2) at a tenth
-# and halves the budget, so that a side-by-side run with repeats fits a few minutes on 2 cores.
-EVAL_ROWS, EVAL_MAX_NEW_TOKENS = 50, 128
-EVAL_PATHS = {  # name -> (evaluate_loss labelled_only, generate batch_size, generate merge_lora)
-    "before": (False, 8, False),  # the code before: full logits, batches of 8, LoRA unmerged
-    "today": (True, None, None),  # the defaults: labelled positions only, GENERATION_BATCH_SIZE, merged where exact
-}
-
-
-def main_eval(opts, preset: dict) -> dict:
-    rows = EVAL_ROWS if opts.rows is None else opts.rows
-    if opts.max_new_tokens < 1:
-        raise UserError(f"bench: --max_new_tokens must be >= 1, got {opts.max_new_tokens}")
-    device = "cuda" if opts.preset == "gpu" else "cpu"
-    with tempfile.TemporaryDirectory(prefix="tinyllama-ft-bench-") as tmp:
-        tmp = Path(tmp)
-        prepared = _run_worker(tmp, "prepare", dict(preset=opts.preset, folder=str(tmp / "model"),
-                                                    model=preset["model"], device=device))
-        print(f"bench: evaluating {rows} validation rows and {max(rows * 2 // 5, 1)} generations of up to "
-              f"{opts.max_new_tokens} tokens, base and fine-tuned, {opts.repeat} time(s) per path ...",
-              file=sys.stderr, flush=True)
-        report = _run_worker(tmp, "evaluate", dict(
-            name="evaluate", device=device, tmp=str(tmp), threads=opts.threads, repeat=opts.repeat, rows=rows,
-            max_new_tokens=opts.max_new_tokens, model_name_or_path=prepared["folder"], dataset=bench_dataset()))
-    report |= {"preset": opts.preset, "device": prepared["device_name"], "model": prepared["model"]}
-    print(format_eval_table(report))
-    if opts.out:
-        Path(opts.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
-
-
-def _evaluate(spec: dict) -> dict:
-    """Both evaluation paths on the same model (LoRA with random B, so that fine-tuned differs from base),
-    interleaved `repeat` times; per path the fastest run, and how far its numbers are from the other's."""
-    import torch
-
-    from .config import parse_config
-    from .evaluate import evaluate_loss, generate
-    from .modeling import load_tokenizer
-    from .train import prepare_data, setup_model
-
-    generated = max(spec["rows"] * 2 // 5, 1)
-    config = parse_config([], model_name_or_path=spec["model_name_or_path"], dataset_name=spec["dataset"],
-                          output_dir=str(Path(spec["tmp"]) / "run"), train_size=16, eval_size=spec["rows"],
-                          test_size=generated, num_generate=generated, max_new_tokens=spec["max_new_tokens"],
-                          max_length=1024, lora_dropout=0.0, report_to="none", use_cpu=spec["device"] == "cpu",
-                          precision="fp32" if spec["device"] == "cpu" else "auto")
-    tokenizer = load_tokenizer(config.model_name_or_path)
-    data = prepare_data(config, tokenizer)
-    model = setup_model(config, tokenizer)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in sorted(model.named_parameters()):
-            if "lora_B" in name:  # LoRA's B starts at zero: give it weights, so the adapters matter
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    examples = data.examples("validation")
-    prompts = [data.rows[i] for i in data.generate_rows]
-
-    def one(labelled_only, batch_size, merge) -> dict:
-        result = {}
-        for side in ("base", "tuned"):
-            with model.disable_adapter() if side == "base" else contextlib.nullcontext():
-                start = time.perf_counter()
-                loss = evaluate_loss(model, examples, tokenizer.pad_token_id, config.per_device_eval_batch_size,
-                                     eos_token_id=tokenizer.eos_token_id, labelled_only=labelled_only, progress=False)
-                middle = time.perf_counter()
-                texts = generate(model, tokenizer, [r["instruction"] for r in prompts], [r["context"] for r in prompts],
-                                 config.max_new_tokens, progress=False,
-                                 **({} if batch_size is None else {"batch_size": batch_size}),
-                                 merge_lora=merge)
-                end = time.perf_counter()
-            tokens = sum(t["tokens"] for t in texts)
-            result[side] = {"loss": loss["loss"], "eos_logprob": loss["eos_logprob"], "loss_seconds": middle - start,
-                            "generation_seconds": end - middle, "generated_tokens": tokens,
-                            "generation_tokens_per_second": tokens / (end - middle), "texts": [t["text"] for t in texts]}
-        result["seconds"] = sum(result[s]["loss_seconds"] + result[s]["generation_seconds"] for s in ("base", "tuned"))
-        return result
-
-    with model.disable_adapter():  # warm-up, untimed: first calls pay one-off kernel and import costs
-        evaluate_loss(model, examples[:2], tokenizer.pad_token_id, labelled_only=False, progress=False)
-        evaluate_loss(model, examples[:2], tokenizer.pad_token_id, progress=False)
-        generate(model, tokenizer, prompts[0]["instruction"], max_new_tokens=2, progress=False)
-    best: dict[str, dict] = {}
-    for _ in range(spec["repeat"]):
-        for name, knobs in EVAL_PATHS.items():
-            result = one(*knobs)
-            runs = best.get(name, {}).get("runs", []) + [result["seconds"]]
-            if name not in best or result["seconds"] < best[name]["seconds"]:
-                best[name] = result
-            best[name]["runs"] = runs
-    before, today = best["before"], best["today"]
-    report = {"validation_rows": len(examples), "generated_rows": len(prompts), "max_new_tokens": config.max_new_tokens,
-              "threads": torch.get_num_threads(), "repeat": spec["repeat"], "before": before, "today": today,
-              "speedup": before["seconds"] / today["seconds"]}
-    report["max_relative_difference"] = max(
-        abs(today[s][k] - before[s][k]) / abs(before[s][k]) for s in ("base", "tuned") for k in ("loss", "eos_logprob"))
-    report["identical_texts"] = sum(a == b for s in ("base", "tuned")
-                                    for a, b in zip(today[s]["texts"], before[s]["texts"]))
-    report["texts"] = 2 * len(prompts)
-    return report
-
-
-def format_eval_table(report: dict) -> str:
-    lines = [f"bench --eval --preset {report['preset']} on {report['device']}, {report['threads']} threads: model "
-             f"{report['model']}; {report['validation_rows']} validation rows, {report['generated_rows']} generations "
-             f"of up to {report['max_new_tokens']} tokens, base + fine-tuned, best of {report['repeat']}",
-             f"{'path':<8}{'side':<7}{'loss s':>8}{'generate s':>12}{'gen tok/s':>11}{'loss':>12}{'eos_logprob':>13}"]
-    for name in ("before", "today"):
-        for side in ("base", "tuned"):
-            r = report[name][side]
-            lines.append(f"{name:<8}{side:<7}{r['loss_seconds']:>8.2f}{r['generation_seconds']:>12.2f}"
-                         f"{r['generation_tokens_per_second']:>11.1f}{r['loss']:>12.6f}{r['eos_logprob']:>13.5f}")
-        lines.append(f"{name:<8}{'total':<7}{report[name]['seconds']:>20.2f} s  (runs: "
-                     + ", ".join(f"{s:.1f}" for s in report[name]["runs"]) + ")")
-    lines.append(f"speedup (before / today, evaluation seconds): {report['speedup']:.2f}x; largest relative difference "
-                 f"in loss and eos_logprob: {report['max_relative_difference']:.1e}; identical greedy texts: "
-                 f"{report['identical_texts']} of {report['texts']}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from .data import encode_prompt, format_user_turn
+from .encoding import encode_prompt
+from .formats import format_user_turn
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 # name in the card, and whether higher is better, for the metrics `evaluate_model` writes
@@ -198,10 +199,10 @@ def usage_section(name: str, run_dir: str, merged_to: str | None) -> str:
             f'model = AutoModelForCausalLM.from_pretrained("{here}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{here}")\n'
             f'# or, with the same prompt code as training:\n'
-            f'from tinyllama_ft.chat import load_chat_model\nmodel, tokenizer = load_chat_model("{here}")'
+            f'from tinyllama_ft import load_saved\nmodel, tokenizer = load_saved("{here}")'
             if merged else
-            f'from tinyllama_ft import generate, load_for_inference\n'
-            f'model, tokenizer = load_for_inference("{here}")   # the base model + this adapter\n'
+            f'from tinyllama_ft import generate, load_saved\n'
+            f'model, tokenizer = load_saved("{here}")   # the base model + this adapter\n'
             f'print(generate(model, tokenizer, "Give me three uses of a brick.")["text"])')
     export = "" if merged else (
         f"python -m tinyllama_ft export --adapter {run_dir} --out {run_dir}-merged            # merged safetensors\n")

@@ -15,36 +15,17 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, TextIO
 
 import torch
 from transformers import TextStreamer
 
-from .artifacts import saved_system_prompt
-from .data import encode_prompt, find_special_text, prompt_messages
+from .encoding import encode_prompt, find_special_text
 from .errors import UserError
+from .formats import prompt_messages
+from .saved_model import context_length, load_saved, saved_system_prompt
 
 log = logging.getLogger(__name__)
-
-
-def load_chat_model(folder: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a run folder (base + LoRA adapter, `load_for_inference`) or from a
-    merged export (a plain `AutoModelForCausalLM` folder, `python -m tinyllama_ft export`)."""
-    from .artifacts import _fix_generation_config, inference_device_and_dtype, is_model_folder, load_for_inference
-    from .modeling import load_model, load_tokenizer
-
-    path = Path(folder)
-    if (path / "adapter_config.json").is_file():
-        return load_for_inference(folder, device=device, dtype=dtype)
-    if not is_model_folder(path):
-        raise UserError(f"{folder} is neither a run folder (adapter_config.json) nor a merged export (config.json "
-                        "and .safetensors weights): pass the output folder of `train` or of `export`")
-    device, dtype = inference_device_and_dtype(device, dtype)
-    tokenizer = load_tokenizer(folder)
-    model = load_model(folder, dtype, device=device)
-    _fix_generation_config(model, tokenizer)
-    return model.eval(), tokenizer
 
 
 class _Streamer(TextStreamer):
@@ -130,10 +111,6 @@ class Chat:
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def context_length(model) -> int:
-    return int(model.config.max_position_embeddings)
-
-
 def chat_turns(model, tokenizer, turns: list[str], out: TextIO | None = sys.stdout, **options) -> list[str]:
     """Say each of `turns` in one conversation; each answer streams to `out`; returns the answers."""
     chat = Chat(model, tokenizer, **options)
@@ -194,7 +171,7 @@ def main(folder: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p
         raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1, got {temperature} and {top_p}")
-    model, tokenizer = load_chat_model(folder)
+    model, tokenizer = load_saved(folder)
     system = system if system is not None else saved_system_prompt(folder)
     if system and find_special_text(system, tokenizer):
         raise UserError(f"--system contains the special string {find_special_text(system, tokenizer)!r}: remove it")

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from .errors import UserError
+from .errors import ArgParser, UserError
 
 USAGE = """python -m tinyllama_ft COMMAND [options]
 
@@ -28,9 +28,8 @@ commands:
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
             [--format gguf [--quantization f16|q8_0]]  or one .gguf + Ollama Modelfile
-  bench     --preset cpu|gpu [--eval] [--repeat N] [--out F.json]
-                                                  seed configuration vs default, side by side (--eval:
-                                                  evaluation, the code before vs today's)
+  bench     --preset cpu|gpu [--repeat N] [--out F.json]
+                                                  seed configuration vs default, side by side
 
 `python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks."""
 
@@ -93,8 +92,8 @@ def cmd_config(args: list[str]) -> None:
 
 
 def cmd_train(args: list[str]) -> None:
-    from .artifacts import restart_hint
     from .config import parse_config
+    from .run_folder import restart_hint
     from .train import train
 
     config = parse_config(args)
@@ -118,8 +117,9 @@ def cmd_preview(args: list[str]) -> None:
         raise UserError(f"--n must be > 0, got {opts.n}: the number of rows to show")
     if opts.max_length < 16:
         raise UserError(f"--max_length must be an integer >= 16, got {opts.max_length}")
-    from .data import (check_system_prompt, encode_rows, exclusion_counts, load_rows, parse_columns,
-                       to_conversations)
+    from .data import exclusion_counts
+    from .encoding import check_system_prompt, encode_rows
+    from .formats import load_rows, parse_columns, to_conversations
     from .modeling import load_tokenizer
 
     columns, system_prompt = parse_columns(opts.columns), (opts.system_prompt or "").strip() or None
@@ -155,11 +155,11 @@ def cmd_generate(args: list[str]) -> None:
         raise UserError("--instruction is empty: pass the text to respond to")
     if opts.max_new_tokens <= 0:
         raise UserError(f"--max_new_tokens must be > 0, got {opts.max_new_tokens}")
-    from .artifacts import load_for_inference, saved_system_prompt
-    from .evaluate import generate
+    from .generation import generate
+    from .saved_model import load_saved, saved_system_prompt
 
     system_prompt = saved_system_prompt(opts.adapter) if opts.system_prompt is None else opts.system_prompt.strip()
-    model, tokenizer = load_for_inference(opts.adapter)
+    model, tokenizer = load_saved(opts.adapter)
     print(generate(model, tokenizer, opts.instruction, opts.context, opts.max_new_tokens, progress=False,
                    system_prompt=system_prompt)["text"])
 
@@ -202,7 +202,7 @@ def cmd_export(args: list[str]) -> None:
                         help="safetensors: a transformers folder; gguf: one .gguf and an Ollama Modelfile")
     parser.add_argument("--quantization", choices=("f16", "q8_0"), help="GGUF weights (default f16)")
     opts = _parse(parser, args)
-    from .artifacts import export_merged, push_to_hub
+    from .export import export_merged, push_to_hub
 
     if opts.quantization and opts.format != "gguf":
         raise UserError("--quantization applies to GGUF files: add --format gguf")
@@ -222,13 +222,8 @@ def cmd_bench(args: list[str]) -> None:
     bench_main(args)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error
-        raise UserError(f"{self.prog}: {message}")
-
-
 def _parser(command: str) -> argparse.ArgumentParser:
-    return _Parser(prog=f"python -m tinyllama_ft {command}")
+    return ArgParser(prog=f"python -m tinyllama_ft {command}")
 
 
 def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:

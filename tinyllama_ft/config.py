@@ -3,31 +3,28 @@
 Its defaults reproduce the seed run (5,000 Dolly rows, LoRA r=16 on q/k/v/o, batch 2 x 8, lr 2e-4,
 one epoch, cosine with 3% warm-up). A preset (``smoke``) is a set of overrides, never other code.
 The same field names work in the notebook, on the command line (``--name value``) and in YAML
-(``--config F.yaml``), parsed by TRL's own `TrlParser`.
+(``--config F.yaml``), and as ``TINYLLAMA_FT_*`` variables; every value is checked by the rules declared
+beside its field (`validation`).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import functools
 import json
 import os
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from trl import SFTConfig, TrlParser
+from trl import SFTConfig
 
+from .config_sources import close_match, config_path, parse_flags, read_yaml, where_unknown
 from .errors import UserError
-from .validation import field_kind, refuse, sources, validate
+from .validation import refuse, sources, validate
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
-SAMPLE_DATA = str(Path(__file__).parent / "data" / "sample.jsonl")
+SAMPLE_DATA = str(Path(__file__).parent / "samples" / "sample.jsonl")
 
 PRESETS: dict[str, dict] = {
     # The whole pipeline offline on CPU in well under a minute: a tiny random Llama built in
@@ -236,7 +233,7 @@ class Config(SFTConfig):
 
     def _check_values(self):
         """Consistency between fields (each field alone is checked by `validate`)."""
-        from .data import parse_columns
+        from .formats import parse_columns
 
         self.columns = parse_columns(self.columns) or None
         self.system_prompt = (self.system_prompt or "").strip() or None
@@ -297,40 +294,6 @@ def compute_dtype(config: Config) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision]
 
 
-def check_model_fits(config: Config) -> None:
-    """Values that contradict the model's shape, from its config alone (no weights load): a
-    `max_length` beyond its positions, a LoRA rank above the layers it adapts."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .modeling import build_tiny_model
-
-    tiny = build_tiny_model() if config.model_name_or_path == TINY_RANDOM_LLAMA else None
-    if tiny is not None:
-        model_config = tiny.config
-    else:
-        try:
-            model_config = AutoConfig.from_pretrained(config.model_name_or_path,
-                                                      trust_remote_code=config.trust_remote_code)
-        except (OSError, ValueError):
-            return  # no readable config: loading the model names the problem (check_target_modules, load_model)
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if positions and config.max_length > positions:
-        raise UserError(f"max_length {config.max_length} is beyond the model's {positions} positions "
-                        f"(max_position_embeddings): use --max_length {positions} or less")
-    model = tiny
-    if model is None:  # (under ZeRO-3 a meta model cannot be built: the tiny one is built for real above)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
-    every = config.lora_target_modules == ["all-linear"]
-    widths = {name.rsplit(".", 1)[-1]: min(m.in_features, m.out_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and (name.rsplit(".", 1)[-1] in config.lora_target_modules
-                                                     or every and not name.endswith("lm_head"))}
-    if widths and config.lora_r > min(widths.values()):
-        name = min(widths, key=widths.get)
-        raise UserError(f"lora_r {config.lora_r} is larger than {name}'s smallest dimension {widths[name]}, so "
-                        f"the adapter is not low-rank: use --lora_r {widths[name]} or less")
-
-
 def parse_config(args: list[str] | None = None, **overrides) -> Config:
     """Resolve a configuration: defaults < preset < YAML (`--config F.yaml`) < flags < keyword overrides.
 
@@ -338,19 +301,19 @@ def parse_config(args: list[str] | None = None, **overrides) -> Config:
     max_steps=2)` from Python. Every value, whatever its source, is converted and checked by the same
     declared rules (`validation.validate`), and an error names the source as the user wrote it."""
     args = list(args or [])
-    path = _config_path(args)
+    path = config_path(args)
     if path is not None:
         args = args[: args.index("--config")] + args[args.index("--config") + 2:]
         if not Path(path).is_file():
             problem = "is a folder" if Path(path).is_dir() else "No such file or directory"
             raise UserError(f"--config {path}: {problem}: pass a YAML file")
-    from_file = _read_yaml(path)
+    from_file = read_yaml(path)
     env = from_file.pop("env", None) or {}  # TRL's `env:` section: variables set before the run
     if not isinstance(env, dict):
         raise UserError(f"--config {path}: `env:` must be a mapping of variable names to values, not a "
                         f"{type(env).__name__}: write one `NAME: value` a line under it")
     os.environ.update({str(key): str(value) for key, value in env.items()})
-    return build_config([(f"file {path}", from_file), ("flag", _parse_flags(args)), ("keyword", overrides)])
+    return build_config([(f"file {path}", from_file), ("flag", parse_flags(Config, args)), ("keyword", overrides)])
 
 
 def build_config(layers: list[tuple[str, dict]]) -> Config:
@@ -366,7 +329,7 @@ def build_config(layers: list[tuple[str, dict]]) -> Config:
     for source, values in layers:
         for key in values:
             if key not in names:
-                raise UserError(f"unknown configuration field {_where_unknown(key, source)}{_close(key, names)}: "
+                raise UserError(f"unknown configuration field {where_unknown(key, source)}{close_match(key, names)}: "
                                 "see `python -m tinyllama_ft config --help`")
         merged |= values
         origin |= {key: source for key in values}
@@ -376,78 +339,11 @@ def build_config(layers: list[tuple[str, dict]]) -> Config:
     return config
 
 
-def _where_unknown(key: str, source: str) -> str:
-    return {"flag": f"--{key}", "variable": f"TINYLLAMA_FT_{key.upper()}", "keyword": f"{key!r}"}.get(
-        source, f"{key!r} in {source[5:]}" if source.startswith("file ") else repr(key))
-
-
-def _close(key: str, names) -> str:
-    import difflib
-
-    names = sorted(names, key=lambda n: not (key.startswith(n) or n.startswith(key)))  # lora_rank -> lora_r
-    match = [n for n in names if key.startswith(n) or n.startswith(key)][:1] or difflib.get_close_matches(key, names, 1)
-    return f" (did you mean {match[0]}?)" if match else ""
-
-
-def _parse_flags(args: list[str]) -> dict:
-    """The flags given, each converted by the field's type (TRL's parser, nothing filled in for the others)."""
-    namespace = _flag_parser().parse_args(args)
-    return vars(namespace)
-
-
-@functools.lru_cache(maxsize=1)
-def _flag_parser() -> "_Parser":
-    parser = _Parser(Config)
-    kinds = {f.name: field_kind(f.name) for f in dataclasses.fields(Config)}
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-        if kinds.get(action.dest) in ("int", "float", "bool", "str", "list"):
-            action.type = None  # converted by `validate`, so a flag's error reads like a file's or a variable's
-    return parser
-
-
-def _config_path(args: list[str]) -> str | None:
-    return args[args.index("--config") + 1] if "--config" in args[:-1] else None
-
-
-def _yaml_problem(error) -> str:
-    mark = getattr(error, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + str(getattr(error, "problem", None) or error).splitlines()[0]
-
-
 def _check_explicit(config: Config, given: set[str]) -> None:
     """Values the user set that contradict others (a default that does not apply is no contradiction)."""
     if "eval_steps" in given and config.eval_size == 0:
         raise UserError("eval_steps is set but eval_size is 0, so there is nothing to validate on: raise "
                         "--eval_size or drop --eval_steps")
-
-
-class _Parser(TrlParser):
-    @staticmethod
-    def _parse_dataclass_field(parser, field):  # argparse takes `choices` from the metadata, not our `check`
-        field = copy.copy(field)
-        field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != "check"})
-        TrlParser._parse_dataclass_field(parser, field)
-
-    def error(self, message):  # argparse prints usage and exits; one clear line instead
-        raise UserError(f"{message}; see `python -m tinyllama_ft config --help`")
-
-
-def _read_yaml(path: str | None) -> dict:
-    """The `--config` file's mapping; {} when there is none (a missing file is reported by the parser)."""
-    if not path or not Path(path).is_file():
-        return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
-    except yaml.YAMLError as error:
-        raise UserError(f"--config {path} is not valid YAML ({_yaml_problem(error)}): fix the file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--config {path} is not UTF-8 text: pass a YAML file") from None
-    if not isinstance(data, dict):
-        raise UserError(f"--config {path} holds a YAML {type(data).__name__}, not a mapping of field names to "
-                        "values: write one `name: value` a line")
-    return data
 
 
 ENV_PREFIX = "TINYLLAMA_FT_"

@@ -1,22 +1,28 @@
-"""Held-out loss over response tokens, batched greedy generation, and ROUGE / BLEU / EOS rate."""
+"""The evaluation stage: held-out loss over response tokens, ROUGE / BLEU / EOS rate of greedy generations
+(`generation.generate`), for the base and the fine-tuned model on the same rows, and one metrics dict."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object, reduce
+from accelerate.utils import reduce
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .data import IGNORE_INDEX, encode_prompt, prompt_messages
-from .errors import UserError
+from .encoding import IGNORE_INDEX
+from .generation import GENERATION_BATCH_SIZE, generate
+from .modeling import count_parameters, is_sharded
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .data import Data
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +120,6 @@ _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier",
                   "logits_scaling")
 
 
-def is_sharded(model) -> bool:
-    """True when parameters are split across processes: FSDP2 DTensors, FSDP1 wrappers, DeepSpeed ZeRO-3."""
-    if any(hasattr(p, "ds_numel") for p in model.parameters()):
-        return True
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support shards nothing
-        return False
-    return (any(isinstance(p, DTensor) for p in model.parameters())
-            or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()))
-
-
 @functools.lru_cache(maxsize=None)
 def _log_once(message: str) -> None:
     log.info(message)
@@ -156,99 +149,6 @@ def pad_batch(examples: list[dict], pad_token_id: int, device) -> dict[str, torc
             "labels": labels.to(device)}
 
 
-GENERATION_BATCH_SIZE = 32  # prompts per generate() call; 8 before (bench --eval measures both)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] | list[dict],
-             contexts: list[str] | str | None = None, max_new_tokens: int = 256,
-             batch_size: int = GENERATION_BATCH_SIZE, progress: bool = True, system_prompt: str | None = None,
-             merge_lora: bool | None = None) -> list[dict]:
-    """Greedy responses, formatted exactly as in training; batched with left padding, prompts
-    sorted by length so that a batch holds prompts of similar length.
-
-    `instructions`: instructions (with `contexts`), or conversations so far (lists of `{role, content}`),
-    one or many; `system_prompt` goes first where a conversation has no system turn (`prompt_messages`).
-    Returns one dict per input: `text` (the response), `ended` (the model emitted EOS itself) and
-    `tokens` (how many it generated, the EOS included).
-    `merge_lora`: run with the LoRA weights merged into the base (one matmul per projection instead
-    of three) and put the exact original weights back afterwards; None (default) merges where that is
-    exact to fp32 rounding: active LoRA adapters on fp32, unsharded `nn.Linear` weights
-    (`can_merge_lora`); never for bf16/fp16/4-bit bases, whose merged weights would be rounded.
-    Under several processes each generates its share and every process gets all results."""
-    single = isinstance(instructions, str) or (bool(instructions) and isinstance(instructions[0], dict))
-    instructions = [instructions] if single else list(instructions)
-    contexts = [contexts or ""] * len(instructions) if contexts is None or isinstance(contexts, str) else contexts
-    if any(not (i.strip() if isinstance(i, str) else i) for i in instructions):
-        raise UserError("an instruction is empty: pass the text to respond to")
-    if max_new_tokens <= 0:
-        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    prompts = [encode_prompt(tokenizer, prompt_messages(i, c, system_prompt)) for i, c in zip(instructions, contexts)]
-    model.eval()
-    device = next(model.parameters()).device
-    results: list[dict | None] = [None] * len(prompts)
-    state = PartialState()
-    merge = can_merge_lora(model) if merge_lora is None else merge_lora
-    with state.split_between_processes(sorted(range(len(prompts)), key=lambda i: len(prompts[i]))) as order, \
-            (merged_lora(model) if merge else contextlib.nullcontext()):
-        _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, batch_size, device,
-                       progress and state.is_main_process)
-    if state.num_processes > 1:
-        results = [next(r for r in gathered if r is not None)
-                   for gathered in zip(*gather_object([results]))]
-    return results[0] if single else results
-
-
-def _lora_layers(model) -> list:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
-
-
-def can_merge_lora(model) -> bool:
-    """True where merging the active LoRA adapters changes nothing but fp32 rounding: a PeftModel
-    with adapters enabled, every adapted layer an unsharded `nn.Linear` with fp32 weights, no DoRA."""
-    layers = _lora_layers(model) if isinstance(model, PeftModel) else []
-    return bool(layers) and not is_sharded(model) and all(
-        not layer.disable_adapters and not layer.merged and type(layer.get_base_layer()) is torch.nn.Linear
-        and layer.get_base_layer().weight.dtype == torch.float32
-        and not any(layer.use_dora.get(name, False) for name in layer.active_adapters)
-        for layer in layers)
-
-
-@contextlib.contextmanager
-def merged_lora(model):
-    """Within this block the active LoRA adapters are merged into the base weights; afterwards they
-    are unmerged and the base weights are restored exactly (unmerging alone leaves rounding error)."""
-    layers = _lora_layers(model)
-    saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
-    model.merge_adapter()
-    try:
-        yield model
-    finally:
-        model.unmerge_adapter()
-        with torch.no_grad():
-            for layer, weight in zip(layers, saved):
-                layer.get_base_layer().weight.copy_(weight)
-
-
-def _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, batch_size, device, progress):
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", leave=False, disable=not progress):
-        chunk = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in chunk])
-        attention_mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(prompts[i]) for i in chunk])[:, None])
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for row, index in enumerate(chunk):
-            new = output[row, width:].tolist()
-            ended = tokenizer.eos_token_id in new
-            new = new[: new.index(tokenizer.eos_token_id)] if ended else new
-            results[index] = {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "ended": ended,
-                              "tokens": len(new) + ended}
-
-
 def score_generations(predictions: list[dict], references: list[str], categories: list[str] | None = None) -> dict:
     """ROUGE-1/2/L (F1, rouge-score), corpus BLEU (sacrebleu) and EOS rate, overall and per category."""
     categories = categories or [""] * len(references)
@@ -276,3 +176,52 @@ def _score(predictions: list[dict], references: list[str]) -> dict:
     eos_rate = sum(p["ended"] for p in predictions) / len(predictions)
     return {"rouge1": rouge["rouge1"], "rouge2": rouge["rouge2"], "rougeL": rouge["rougeL"], "bleu": bleu,
             "eos_rate": eos_rate}
+
+
+def evaluate_model(config: Config, model, tokenizer, data: Data) -> dict:
+    """Validation loss/perplexity over response tokens, and generation metrics on the test rows;
+    overall and, under `per_category`, for each Dolly category."""
+    metrics, per_category = {}, {}
+    if data.split["validation"]:
+        categories = [data.rows[i].get("category", "") for i in data.split["validation"]]
+        loss = evaluate_loss(model, data.examples("validation"), tokenizer.pad_token_id,
+                             config.per_device_eval_batch_size, groups=categories, eos_token_id=tokenizer.eos_token_id)
+        metrics |= {"eval_loss": loss["loss"], "eval_perplexity": loss["perplexity"], "eval_tokens": loss["tokens"],
+                    "eos_logprob": loss["eos_logprob"]}
+        for category, group in loss.get("per_group", {}).items():
+            per_category[category] = {"eval_loss": group["loss"], "eval_perplexity": group["perplexity"],
+                                      "eval_tokens": group["tokens"], "eval_rows": group["rows"],
+                                      "eos_logprob": group["eos_logprob"]}
+    if data.generate_rows:
+        # The last assistant turn, given the turns before it (the system prompt included), against its reference.
+        conversations = [data.conversations[i] for i in data.generate_rows]
+        predictions = generate(model, tokenizer, [c["messages"][:-1] for c in conversations],
+                               max_new_tokens=config.max_new_tokens,
+                               batch_size=max(config.per_device_eval_batch_size, GENERATION_BATCH_SIZE))
+        scores = score_generations(predictions, [c["messages"][-1]["content"] for c in conversations],
+                                   [c["category"] for c in conversations])
+        for category, group in scores.pop("per_category", {}).items():
+            per_category[category] = per_category.get(category, {}) | group
+        metrics |= scores
+        metrics["generations"] = [{"row": i, "response": p["text"], "ended": p["ended"]}
+                                  for i, p in zip(data.generate_rows, predictions)]
+    if per_category:
+        metrics["per_category"] = dict(sorted(per_category.items()))
+    return metrics
+
+
+def evaluate_base(config: Config, model, tokenizer, data: Data) -> dict:
+    """`evaluate_model` with the adapters switched off: the base model on the very same tokens."""
+    with model.disable_adapter():
+        return evaluate_model(config, model, tokenizer, data)
+
+
+def summarize(base: dict, tuned: dict, train_metrics: dict, model, data: Data, config: Config) -> dict:
+    """One flat metrics dict: fine-tuned values under their names, the base model's under `base_*`."""
+    scalars = lambda d: {k: v for k, v in d.items() if k not in ("generations", "per_category")}  # noqa: E731
+    metrics = scalars(tuned) | {f"base_{k}": v for k, v in scalars(base).items()} | train_metrics
+    metrics["trainable_parameters"], metrics["total_parameters"] = count_parameters(model)
+    metrics["rows"] = {part: len(idx) for part, idx in data.split.items()} | {"excluded": len(data.excluded)}
+    if "per_category" in tuned:
+        metrics["per_category"] = {"base": base["per_category"], "tuned": tuned["per_category"]}
+    return metrics

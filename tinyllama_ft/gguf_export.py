@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .encoding import ROLE_MARKERS
 from .errors import UserError
+from .files import written_folder
 
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("f16", "q8_0")
-ROLE_MARKERS = ("<|user|>", "<|assistant|>", "<|system|>")
 
 # TinyLlama-Chat's format in Ollama's Go template language: every message is "<|role|>\n{content}</s>\n",
 # then "<|assistant|>\n" opens the answer -- what the HF chat template renders with add_generation_prompt=True
@@ -40,9 +39,10 @@ JINJA_SPACE, OLLAMA_SPACE = "{{ ' ' }}", '{{ " " }}'
 
 
 def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Path:
-    """Merge the adapter (`merge_and_unload`) and write `out_dir/<run>-<quantization>.gguf` and an
-    Ollama `Modelfile` next to it. Written into a hidden folder and renamed, so `out_dir` is whole or absent."""
-    from .artifacts import check_export_out, load_for_inference, saved_system_prompt
+    """Merge the adapter (`load_merged`) and write `out_dir/<run>-<quantization>.gguf` and an Ollama
+    `Modelfile` next to it. Written into a hidden folder and renamed, so `out_dir` is whole or absent."""
+    from .export import check_export_out
+    from .saved_model import check_saved_folder, load_merged, saved_system_prompt
 
     try:
         import gguf  # noqa: F401
@@ -53,36 +53,25 @@ def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Pa
         raise UserError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     out = Path(out_dir)
     check_export_out(adapter_dir, out)
-    spm_dir = _tokenizer_model_of_run(adapter_dir)  # a missing tokenizer.model fails before the weights load
-    model, tokenizer = load_for_inference(adapter_dir, device="cpu", dtype=torch.float32)
-    merged = model.merge_and_unload().eval()
+    check_saved_folder(Path(adapter_dir))
+    spm_dir = _tokenizer_model_of(adapter_dir)  # a missing tokenizer.model fails before the weights load
+    merged, tokenizer = load_merged(adapter_dir)
     run_name = Path(adapter_dir).resolve().name
     name = f"{run_name}-{quantization}.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".gguf-"))  # same file system: the rename is atomic
-    try:
+    with written_folder(out, "gguf") as tmp:
         write_gguf(merged, tokenizer, tmp / name, quantization, spm_dir=spm_dir, name=run_name)
         write_modelfile(tmp / "Modelfile", name, merged.config.max_position_embeddings,
                         system_prompt=saved_system_prompt(adapter_dir) or "",
                         leading_space=prefixes_first_text_only(tokenizer))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s (%.1f MB) and %s", out / name, (out / name).stat().st_size / 1e6, out / "Modelfile")
     return out / name
 
 
-def _tokenizer_model_of_run(adapter_dir: str) -> str | None:
-    from peft import PeftConfig
-
+def _tokenizer_model_of(folder: str) -> str | None:
     from .modeling import load_tokenizer
+    from .saved_model import base_model_name
 
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        return None  # not a run folder: load_for_inference says so
-    base_name = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    return find_tokenizer_model(adapter_dir, base_name, load_tokenizer(adapter_dir))
+    return find_tokenizer_model(folder, base_model_name(folder), load_tokenizer(folder))
 
 
 # --- the file --------------------------------------------------------------------------------------

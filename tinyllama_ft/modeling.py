@@ -1,4 +1,5 @@
-"""Tokenizer and base model from a hub id or a folder, the LoRA wrap, and a tiny random Llama."""
+"""Tokenizer and base model from a hub id or a folder, the one check of the model's shape against the
+settings, the LoRA wrap, and a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -67,11 +68,31 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_imple
     return model
 
 
-def check_target_modules(name_or_path: str, target_modules, trust_remote_code: bool = False) -> None:
-    """Fail before any weights load when the architecture lacks one of `target_modules`."""
+def check_model_shape(config) -> None:
+    """Fail before any weights load where the settings contradict the model's shape, read from its config
+    alone (a meta model; the tiny random one is built for real, as a meta model cannot be under ZeRO-3):
+    a `lora_target_modules` name the architecture lacks, a `max_length` beyond its positions, a LoRA
+    rank above the layers it adapts."""
+    model = _shape_model(config.model_name_or_path, config.trust_remote_code)
+    _check_targets(model, config.lora_target_modules)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and config.max_length > positions:
+        raise UserError(f"max_length {config.max_length} is beyond the model's {positions} positions "
+                        f"(max_position_embeddings): use --max_length {positions} or less")
+    every = list(config.lora_target_modules) == [ALL_LINEAR]
+    widths = {name.rsplit(".", 1)[-1]: min(m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and (name.rsplit(".", 1)[-1] in config.lora_target_modules
+                                                     or every and not name.endswith("lm_head"))}
+    if widths and config.lora_r > min(widths.values()):
+        name = min(widths, key=widths.get)
+        raise UserError(f"lora_r {config.lora_r} is larger than {name}'s smallest dimension {widths[name]}, so "
+                        f"the adapter is not low-rank: use --lora_r {widths[name]} or less")
+
+
+def _shape_model(name_or_path: str, trust_remote_code: bool = False):
+    """The model's modules and config without its weights."""
     if name_or_path == TINY_RANDOM_LLAMA:
-        _check_targets(build_tiny_model(), target_modules)
-        return
+        return build_tiny_model()
     from transformers import AutoConfig
 
     _check_local_folder(name_or_path, need_weights=True)
@@ -80,7 +101,7 @@ def check_target_modules(name_or_path: str, target_modules, trust_remote_code: b
     except (OSError, ValueError) as error:
         raise UserError(f"could not read the model config of {name_or_path!r}: {str(error).splitlines()[0]}") from None
     with torch.device("meta"):
-        _check_targets(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), target_modules)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def default_attention() -> str:
@@ -188,3 +209,21 @@ def build_tiny_model(seed: int = 0) -> LlamaForCausalLM:
     model.name_or_path = TINY_RANDOM_LLAMA
     model.config.name_or_path = TINY_RANDOM_LLAMA
     return model
+
+
+def is_sharded(model) -> bool:
+    """True when parameters are split across processes: FSDP2 DTensors, FSDP1 wrappers, DeepSpeed ZeRO-3."""
+    if any(hasattr(p, "ds_numel") for p in model.parameters()):
+        return True
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support shards nothing
+        return False
+    return (any(isinstance(p, DTensor) for p in model.parameters())
+            or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()))
+
+
+def is_model_folder(path: Path) -> bool:
+    """A full (e.g. merged) transformers model: a config and safetensors weights, no adapter."""
+    return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))

@@ -1,18 +1,11 @@
-"""What the notebook shows, as small functions: the environment, the run, the data, the loss mask,
-the loss curves and the base-vs-fine-tuned comparison.
-
-Plotting functions save a PNG to `save_to` (when given) and return the matplotlib figure, which
-Jupyter displays. Table functions return a `Rendered` (plain text everywhere, HTML in Jupyter)
-and save Markdown to `save_to`. Nothing here trains or changes the model.
+"""What the notebook shows as figures: the data (categories, lengths), the loss mask, the loss curves, the
+base-vs-fine-tuned comparison and where the time went. Each saves a PNG to `save_to` (when given) and
+returns the matplotlib figure, which Jupyter displays. The tables are `tables.py`'s. Nothing here trains
+or changes the model.
 """
 
 from __future__ import annotations
 
-import html
-import importlib.metadata
-import os
-import platform
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,123 +14,15 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
-from .config import TINY_RANDOM_LLAMA
-from .data import IGNORE_INDEX, category_counts, length_stats
+from .data import category_counts, length_stats
+from .encoding import IGNORE_INDEX
+from .tables import COMPARED, EOS_COLOR, SPLITS, comparison_rows, format_number, stage_seconds
 
 BASE_COLOR, TUNED_COLOR = "#8c8c8c", "#4c72b0"
-PROMPT_COLOR, RESPONSE_COLOR, EOS_COLOR = "#d0d0d0", "#4c72b0", "#dd8452"
-SPLITS = ("train", "validation", "test")
-LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
-
-
-class Rendered:
-    """Text for terminals and `print`, HTML for Jupyter; `str()` gives the text."""
-
-    def __init__(self, text: str, html_text: str | None = None, markdown: str | None = None):
-        self.text, self.html, self.markdown = text, html_text, markdown or text
-
-    def __str__(self) -> str:
-        return self.text
-
-    def __repr__(self) -> str:
-        return self.text
-
-    def _repr_html_(self) -> str | None:
-        return self.html
-
-
-# --- environment and run ---------------------------------------------------------------------------
-
-def show_environment() -> Rendered:
-    """GPU name and memory, bf16 support, attention kernel and library versions."""
-    import torch
-
-    from .modeling import default_attention
-
-    rows = [("python", sys.version.split()[0]), ("platform", platform.platform())]
-    rows += [(name, _version(name)) for name in LIBRARIES]
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            rows.append((f"GPU {index}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB"))
-        rows.append(("CUDA", str(torch.version.cuda)))
-        rows.append(("bf16 supported", "yes" if torch.cuda.is_bf16_supported() else "no (fp16 will be used)"))
-    else:
-        rows.append(("GPU", "none visible: the model runs on the CPU (enough for the smoke preset only)"))
-        rows.append(("bf16 supported", "no (no CUDA GPU; fp32 on the CPU)"))
-    rows.append(("attention", default_attention()))
-    rows.append(("CPU cores", str(os.cpu_count())))
-    return _table(["", "value"], rows)
-
-
-def is_smoke(config) -> bool:
-    """True for runs whose numbers mean nothing: the smoke preset or the tiny random model."""
-    return config.preset == "smoke" or config.model_name_or_path == TINY_RANDOM_LLAMA
-
-
-def smoke_notice(config) -> Rendered | None:
-    """A plain warning for smoke runs (None otherwise, which Jupyter does not display)."""
-    if not is_smoke(config):
-        return None
-    text = ("SMOKE RUN: the model is a tiny random Llama built in code (not TinyLlama) and the data are a "
-            "few sample rows. Every number, plot and generation below only shows that the pipeline "
-            "works; none of them says anything about fine-tuning quality. Set preset = None (and unset "
-            "TINYLLAMA_FT_PRESET) for the real run.")
-    return Rendered(text, f'<div style="border-left:6px solid {EOS_COLOR};background:#fff4e5;padding:6px 10px">'
-                          f"<b>{html.escape(text.split(':')[0])}:</b>{html.escape(text.split(':', 1)[1])}</div>")
-
-
-def describe_run(config) -> Rendered:
-    """The settings that matter, resolved (preset, cell and environment applied), with the smoke notice."""
-    steps = "all" if config.max_steps is None or config.max_steps < 0 else f"{config.max_steps} (max_steps)"
-    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    schedule = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
-    every = " / ".join("-" if v is None else f"{v:g}" for v in (config.logging_steps, config.eval_steps,
-                                                                  config.save_steps))
-    rows = [
-        ("preset", str(config.preset)),
-        ("model", config.model_name_or_path),
-        ("dataset", config.dataset_name),
-        ("output_dir", config.output_dir),
-        ("rows train / validation / test", f"{config.train_size} / {config.eval_size} / {config.test_size}"),
-        ("generated test rows, new tokens", f"{config.num_generate}, {config.max_new_tokens}"),
-        ("max_length (longer rows dropped)", str(config.max_length)),
-        ("LoRA r / alpha / dropout", f"{config.lora_r} / {config.lora_alpha} / {config.lora_dropout}"),
-        ("LoRA target modules", ", ".join(config.lora_target_modules)),
-        ("batch per device x accumulation", f"{config.per_device_train_batch_size} x "
-         f"{config.gradient_accumulation_steps} = {per_step} rows per optimizer step and device"),
-        ("learning rate, schedule, warm-up", f"{config.learning_rate:g}, {schedule}, {config.warmup_steps:g}"),
-        ("epochs, steps", f"{config.num_train_epochs:g}, {steps}"),
-        ("precision, gradient checkpointing", f"{config.precision}, {config.gradient_checkpointing}"),
-        ("logging / eval / save every", f"{every} steps"),
-        ("seed", str(config.seed)),
-    ]
-    table = _table(["setting", "value"], rows)
-    notice = smoke_notice(config)
-    if notice is None:
-        return table
-    return Rendered(f"{notice.text}\n\n{table.text}", f"{notice.html}{table.html}", table.markdown)
+PROMPT_COLOR, RESPONSE_COLOR = "#d0d0d0", "#4c72b0"
 
 
 # --- data --------------------------------------------------------------------------------------
-
-def describe_data(data, config) -> Rendered:
-    """Rows loaded, dropped (and why), split sizes, token lengths and the prompt/response token shares."""
-    stats = data.stats(config.max_length)
-    tokens = stats["tokens"]
-    share = stats["response_token_share"]
-    rows = [
-        ("rows loaded", f"{len(data.rows):,}"),
-        ("rows dropped", f"{len(data.excluded):,}" + (" (" + ", ".join(
-            f"{n:,} {kind}" + (f" {config.max_length}" if kind == "over max_length" else "")
-            for kind, n in stats["excluded_by_reason"].items()) + ")" if data.excluded else "")),
-        ("train / validation / test", " / ".join(f"{len(data.split[p]):,}" for p in SPLITS)),
-        ("tokens per kept row", f"mean {tokens['mean']:.0f}, median {tokens['median']:.0f}, "
-         f"p90 {tokens['p90']:.0f}, max {tokens['max']:,}"),
-        ("tokens trained (response + EOS)", f"{share:.0%}"),
-        ("tokens masked (prompt, label -100)", f"{1 - share:.0%}"),
-    ]
-    return _table(["", "value"], rows)
 
 
 def plot_categories(data, save_to=None):
@@ -317,49 +202,6 @@ def plot_loss_curves(log_history: list[dict], save_to=None, base_loss: float | N
 
 # --- evaluation --------------------------------------------------------------------------------
 
-def format_metrics(metrics: dict, digits: int = 4) -> Rendered:
-    """The scalar entries of a metrics dict as a two-column table."""
-    rows = [(key, _number(value, digits)) for key, value in metrics.items() if isinstance(value, (int, float))]
-    return _table(["metric", "value"], rows)
-
-
-COMPARED = (("eval_loss", "loss"), ("eval_perplexity", "perplexity"), ("rougeL", "ROUGE-L"), ("eos_rate", "EOS rate"),
-            ("eos_logprob", "EOS log-prob"))
-
-
-def comparison_rows(metrics: dict) -> list[dict]:
-    """One dict per scope (overall, then each category): base and tuned value of each compared metric."""
-    rows = [{"scope": "overall", "rows": _rows_label(metrics)}
-            | {(key, "base"): metrics.get(f"base_{key}") for key, _ in COMPARED}
-            | {(key, "tuned"): metrics.get(key) for key, _ in COMPARED}]
-    per_category = metrics.get("per_category", {})
-    for category in sorted(per_category.get("tuned", {})):
-        row = {"scope": category or "(none)"}
-        counts = []
-        for side in ("base", "tuned"):
-            scores = per_category.get(side, {}).get(category, {})
-            row |= {(key, side): scores.get(key) for key, _ in COMPARED}
-            if side == "tuned":
-                counts = [scores.get("eval_rows"), scores.get("rows")]
-        row["rows"] = "/".join("-" if c is None else str(c) for c in counts)
-        rows.append(row)
-    return rows
-
-
-def format_comparison_table(metrics: dict, save_to=None) -> Rendered:
-    """Base vs fine-tuned loss, perplexity, ROUGE-L, EOS rate and EOS log-probability, overall and per category.
-
-    `metrics` is `summarize(...)`'s dict. Loss, perplexity and EOS log-prob (the mean log-probability of
-    the EOS that closes each response, teacher-forced) come from the validation rows, ROUGE-L and EOS
-    rate from greedy generations on the test rows; `rows` is validation/generated rows."""
-    header = ["scope", "rows val/gen"] + [f"{label} {side}" for _, label in COMPARED for side in ("base", "tuned")]
-    body = [[row["scope"], row["rows"]] + [_number(row[(key, side)], 3 if key != "eval_perplexity" else 1)
-                                           for key, _ in COMPARED for side in ("base", "tuned")]
-            for row in comparison_rows(metrics)]
-    table = _table(header, body)
-    _save_text(table.markdown, save_to)
-    return table
-
 
 def plot_comparison(metrics: dict, save_to=None):
     """Bars of base vs fine-tuned: the compared metrics overall (top), then per category (bottom)."""
@@ -374,7 +216,7 @@ def plot_comparison(metrics: dict, save_to=None):
                       color=[BASE_COLOR, TUNED_COLOR])
         for bar, value in zip(bars, values):
             if value is not None:
-                ax.annotate(_number(value, 3 if key != "eval_perplexity" else 1),
+                ax.annotate(format_number(value, 3 if key != "eval_perplexity" else 1),
                             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=9)
         ax.set_title(label + (" (lower is better)" if key.startswith("eval") else " (higher is better)"), fontsize=10)
@@ -407,27 +249,10 @@ def plot_comparison(metrics: dict, save_to=None):
 
 # --- where the time went ------------------------------------------------------------------------
 
-def _stages(timings) -> tuple[dict[str, float], float]:
-    """(stage -> seconds, total) from a `Timings` or its `as_dict()` (e.g. metrics["timings"])."""
-    timings = dict(timings.as_dict() if hasattr(timings, "as_dict") else timings)
-    total = timings.pop("total", None)
-    return timings, sum(timings.values()) if total is None else total
-
-
-def format_timings(timings, save_to=None) -> Rendered:
-    """Seconds and share of the total per stage, then what ran outside the stages and the total."""
-    stages, total = _stages(timings)
-    rows = [(stage, f"{seconds:,.1f}", f"{seconds / total:.0%}" if total else "-") for stage, seconds in stages.items()]
-    rows.append(("(outside the stages)", f"{total - sum(stages.values()):,.1f}", ""))
-    rows.append(("total (wall time)", f"{total:,.1f}", "100%"))
-    table = _table(["stage", "seconds", "share"], rows)
-    _save_text(table.markdown, save_to)
-    return table
-
 
 def plot_timings(timings, save_to=None):
     """One horizontal bar per stage, in the order the stages ran, labelled with seconds and share."""
-    stages, total = _stages(timings)
+    stages, total = stage_seconds(timings)
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(stages) + 1.4))
     names = list(stages)
     bars = ax.barh(names, [stages[n] for n in names],
@@ -443,47 +268,6 @@ def plot_timings(timings, save_to=None):
     return _finish(fig, save_to)
 
 
-def format_generations(data, base: dict, tuned: dict, n: int = 3, save_to=None, limit: int = 400) -> Rendered:
-    """Side by side for `n` test prompts (different categories first): prompt, reference, base, fine-tuned.
-
-    `base` and `tuned` are the dicts of `evaluate_base` / `evaluate_model` (their `generations`)."""
-    by_row = {side: {g["row"]: g for g in result.get("generations", [])} for side, result in
-              (("base", base), ("tuned", tuned))}
-    rows, seen = [], set()
-    candidates = [r for r in data.generate_rows if r in by_row["base"] and r in by_row["tuned"]]
-    for first_pass in (True, False):
-        for index in candidates:
-            category = data.conversations[index]["category"]
-            if len(rows) < n and index not in rows and (not first_pass or category not in seen):
-                rows.append(index)
-                seen.add(category)
-
-    def answer(generation: dict) -> str:
-        cut = "" if generation["ended"] else "  [no EOS: cut at max_new_tokens]"
-        return _clip(generation["response"], limit) + cut
-
-    blocks, html_rows, markdown = [], [], []
-    for index in rows:
-        messages = data.conversations[index]["messages"]
-        earlier = [m for m in messages[:-1] if m["role"] != "system"]
-        prompt = (_clip(earlier[0]["content"], limit) if len(earlier) == 1 else
-                  "\n\n".join(f"{m['role']}: {_clip(m['content'], limit)}" for m in earlier))
-        cells = {"prompt": prompt, "reference": _clip(messages[-1]["content"], limit),
-                 "base": answer(by_row["base"][index]), "fine-tuned": answer(by_row["tuned"][index])}
-        title = f"row {index} ({data.conversations[index]['category']})"
-        blocks.append("\n".join([f"=== {title}"] + [f"--- {k}:\n{v}" for k, v in cells.items()]))
-        html_rows.append("<tr>" + f"<td><b>{html.escape(title)}</b><br>" + "</td><td>".join(
-            html.escape(v).replace("\n", "<br>") for v in cells.values()) + "</td></tr>")
-        markdown.append(f"### {title}\n\n" + "\n\n".join(f"**{k}:**\n\n{v}" for k, v in cells.items()))
-    style = 'style="text-align:left;vertical-align:top"'
-    head = "".join(f"<th {style}>{h}</th>" for h in ("prompt", "reference", "base", "fine-tuned"))
-    result = Rendered("\n\n".join(blocks) or "(no generations)",
-                      f"<table><tr>{head}</tr>{''.join(html_rows).replace('<td>', f'<td {style}>')}</table>",
-                      "\n\n".join(markdown))
-    _save_text(result.markdown, save_to)
-    return result
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 def _finish(fig, save_to):
@@ -494,52 +278,3 @@ def _finish(fig, save_to):
         fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return fig
-
-
-def _save_text(text: str, save_to) -> None:
-    if save_to is not None:
-        path = Path(save_to)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n", encoding="utf-8")
-
-
-def _table(header: list[str], rows: list) -> Rendered:
-    rows = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    text = "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-    markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                         + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
-    cell = 'style="text-align:left"'
-    body = "".join("<tr>" + "".join(f"<td {cell}>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    head = "".join(f"<th {cell}>{html.escape(h)}</th>" for h in header)
-    return Rendered(text, f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>", markdown)
-
-
-def _number(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool) or isinstance(value, int):
-        return f"{value:,}"
-    if abs(value) >= 1e5 or (value != 0 and abs(value) < 10 ** -digits):
-        return f"{value:.3e}"
-    return f"{value:,.{digits}f}"
-
-
-def _rows_label(metrics: dict) -> str:
-    validation = metrics.get("rows", {}).get("validation", "-")
-    tuned = metrics.get("per_category", {}).get("tuned", {})
-    generated = sum(c.get("rows", 0) for c in tuned.values()) if tuned else "-"
-    return f"{validation}/{generated}"
-
-
-def _clip(text: str, limit: int) -> str:
-    text = text.strip()
-    return text if len(text) <= limit else text[:limit].rstrip() + " …"
-
-
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"

@@ -16,7 +16,7 @@ usage and finish reasons), given our model, with the two things it gets wrong fo
   (transformers' default, 1024 new tokens, ran past TinyLlama's 2048 positions on long prompts).
 
 It also serves the adapter as it is (no merge, no temporary copy of the weights): the model that
-answers is the one `load_for_inference` loads, so greedy answers equal `generate`'s. Requests are
+answers is the one `load_saved` loads, so greedy answers equal `generate`'s. Requests are
 greedy unless they set a temperature above 0 (then they sample: transformers alone would keep the
 model's `do_sample=False` and answer greedily at any temperature), and stop at `</s>` (the
 generation config's EOS).
@@ -30,10 +30,9 @@ import uuid
 from pathlib import Path
 
 from .api import ChatCompletionRequest, add_error_handlers, check_turns
-from .artifacts import saved_system_prompt
-from .chat import context_length, load_chat_model
-from .data import encode_prompt
+from .encoding import encode_prompt
 from .errors import UserError
+from .saved_model import context_length, load_saved, saved_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
         from fastapi.responses import JSONResponse
         from transformers.cli.serving.chat_completion import ChatCompletionHandler
         from transformers.cli.serving.model_manager import ModelManager
-        from transformers.cli.serving.utils import GenerationState, Modality
+        from transformers.cli.serving.utils import GenerationState
     except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
         raise UserError(f"serve needs transformers' server ({error}): pip install 'transformers[serving]>=5.24,<6'") from None
 
@@ -199,7 +198,7 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, max_new_tokens
         raise UserError(f"need --max_new_tokens >= 1 and --request_timeout > 0 seconds, got {max_new_tokens} and "
                         f"{request_timeout_s}")
     check_port_free(host, port)  # before the model loads, which can take minutes
-    model, tokenizer = load_chat_model(folder)
+    model, tokenizer = load_saved(folder)
     name = Path(folder).resolve().name
     app = build_app(model, tokenizer, name, saved_system_prompt(folder), max_new_tokens, request_timeout_s)
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",

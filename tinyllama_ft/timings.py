@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from .files import replace_json
+
 log = logging.getLogger(__name__)
 
 
@@ -51,8 +53,5 @@ def write_timings(output_dir: str | os.PathLike, timings: Timings) -> dict[str, 
     path = Path(output_dir) / "metrics.json"
     metrics = json.loads(path.read_text(encoding="utf-8"))
     metrics["timings"] = timings.as_dict()
-    staging = path.with_name(".metrics.json.tmp")
-    staging.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
-    os.chmod(staging, 0o644)
-    os.replace(staging, path)
+    replace_json(path, metrics)
     return metrics["timings"]

@@ -1,6 +1,7 @@
 """The run, stage by stage: data -> model -> base evaluation -> training -> evaluation -> save.
 
 Each stage is one function the notebook calls on its own; `train` chains them for the command line.
+The data stage is `data.prepare_data`, the evaluations are `evaluate.py`'s, the run folder `run_folder.py`'s.
 """
 
 from __future__ import annotations
@@ -9,98 +10,23 @@ import contextlib
 import copy
 import logging
 import os
-import random
 import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from datasets import Dataset
+import trl.trainer.utils as trl_utils
 from transformers import set_seed
 from transformers.trainer import rotate_checkpoints
-import trl.trainer.utils as trl_utils
 from trl import SFTTrainer
 
-from .artifacts import check_output_dir, resume_path, save_run
-from .config import Config, check_model_fits, compute_dtype
-from .data import (category_counts, check_system_prompt, encode_rows, exclusion_counts, length_stats,
-                   load_rows, split_rows, stratified_sample, to_conversations)
-from .errors import UserError
-from .evaluate import GENERATION_BATCH_SIZE, evaluate_loss, generate, score_generations
-from .modeling import check_target_modules, count_parameters, load_model, load_tokenizer, wrap_lora
+from .config import Config, compute_dtype
+from .data import Data, prepare_data
+from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
+from .modeling import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
+from .run_folder import check_output_dir, resume_path, save_run
 from .timings import Timings, write_timings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Data:
-    """The rows (columns renamed as `columns` says), their conversations (`to_conversation`), their
-    encodings, what was excluded and why, and the split (row indices)."""
-
-    rows: list[dict]
-    encoded: dict[int, dict]
-    excluded: dict[int, str]
-    split: dict[str, list[int]]
-    lengths: dict[int, int] = field(default_factory=dict)  # token length of every encodable row, kept or not
-    generate_rows: list[int] = field(default_factory=list)
-    conversations: list[dict] = field(default_factory=list)  # one per row: {"messages": [...], "category": str}
-
-    def examples(self, part: str) -> list[dict]:
-        return [self.encoded[i] for i in self.split[part]]
-
-    def dataset(self, part: str) -> Dataset:
-        return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in self.examples(part)])
-
-    def stats(self, max_length: int) -> dict:
-        lengths = [len(e["input_ids"]) for e in self.encoded.values()]
-        return {"tokens": length_stats(list(self.lengths.values()), max_length), "excluded": len(self.excluded),
-                "excluded_by_reason": exclusion_counts(self.excluded),
-                "categories": {part: category_counts(self.rows, idx) for part, idx in self.split.items()},
-                "response_token_share": sum(sum(l != -100 for l in e["labels"]) for e in self.encoded.values())
-                / max(sum(lengths), 1)}
-
-
-def tokenization_cache_dir() -> Path:
-    """Under the datasets cache, so that HF_DATASETS_CACHE / HF_HOME move it with the rest."""
-    import datasets
-
-    return Path(datasets.config.HF_DATASETS_CACHE) / "tinyllama_ft"
-
-
-def prepare_data(config: Config, tokenizer) -> Data:
-    """Load, validate, format (any `dataset_format`, with the `system_prompt`), encode and split the rows;
-    rows that cannot be used (over `max_length`, special-token text, broken conversations) are dropped
-    and counted by reason."""
-    rows = load_rows(config.dataset_name, config.dataset_config, config.dataset_split, config.columns,
-                     config.dataset_format)
-    wanted = config.train_size + config.eval_size + config.test_size
-    if wanted > len(rows):
-        raise UserError(f"train_size + eval_size + test_size = {wanted} but {config.dataset_name} has only "
-                        f"{len(rows)} rows: lower the sizes")
-    check_system_prompt(config.system_prompt, tokenizer)
-    conversations = to_conversations(rows, config.dataset_format, config.system_prompt)
-    encoded, excluded, lengths = encode_rows(tokenizer, conversations, config.max_length,
-                                             cache_dir=tokenization_cache_dir() if config.tokenization_cache else None)
-    reasons = exclusion_counts(excluded)
-    if not encoded:
-        if set(reasons) == {"over max_length"}:
-            raise UserError(f"no row of {config.dataset_name} fits in max_length {config.max_length} "
-                            f"(first: {next(iter(excluded.values()))}): raise max_length")
-        raise UserError(f"no usable row in {config.dataset_name} ({_counted(reasons)}; first: row "
-                        f"{next(iter(excluded))}, {next(iter(excluded.values()))}): fix the rows or --dataset_format")
-    if excluded:
-        log.info("excluded %d of %d rows: %s (first: row %d, %s)", len(excluded), len(rows), _counted(reasons),
-                 *next(iter(excluded.items())))
-    split = split_rows(conversations, sorted(encoded), config.train_size, config.eval_size, config.test_size,
-                       config.seed)
-    generate_rows = stratified_sample(conversations, split["test"], config.num_generate, random.Random(config.seed))
-    return Data(rows, encoded, excluded, split, lengths, generate_rows, conversations)
-
-
-def _counted(reasons: dict[str, int]) -> str:
-    return ", ".join(f"{n} {kind}" for kind, n in reasons.items())
 
 
 def setup_model(config: Config, tokenizer=None):
@@ -216,44 +142,6 @@ def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
                       processing_class=tokenizer)
 
 
-def evaluate_model(config: Config, model, tokenizer, data: Data) -> dict:
-    """Validation loss/perplexity over response tokens, and generation metrics on the test rows;
-    overall and, under `per_category`, for each Dolly category."""
-    metrics, per_category = {}, {}
-    if data.split["validation"]:
-        categories = [data.rows[i].get("category", "") for i in data.split["validation"]]
-        loss = evaluate_loss(model, data.examples("validation"), tokenizer.pad_token_id,
-                             config.per_device_eval_batch_size, groups=categories, eos_token_id=tokenizer.eos_token_id)
-        metrics |= {"eval_loss": loss["loss"], "eval_perplexity": loss["perplexity"], "eval_tokens": loss["tokens"],
-                    "eos_logprob": loss["eos_logprob"]}
-        for category, group in loss.get("per_group", {}).items():
-            per_category[category] = {"eval_loss": group["loss"], "eval_perplexity": group["perplexity"],
-                                      "eval_tokens": group["tokens"], "eval_rows": group["rows"],
-                                      "eos_logprob": group["eos_logprob"]}
-    if data.generate_rows:
-        # The last assistant turn, given the turns before it (the system prompt included), against its reference.
-        conversations = [data.conversations[i] for i in data.generate_rows]
-        predictions = generate(model, tokenizer, [c["messages"][:-1] for c in conversations],
-                               max_new_tokens=config.max_new_tokens,
-                               batch_size=max(config.per_device_eval_batch_size, GENERATION_BATCH_SIZE))
-        scores = score_generations(predictions, [c["messages"][-1]["content"] for c in conversations],
-                                   [c["category"] for c in conversations])
-        for category, group in scores.pop("per_category", {}).items():
-            per_category[category] = per_category.get(category, {}) | group
-        metrics |= scores
-        metrics["generations"] = [{"row": i, "response": p["text"], "ended": p["ended"]}
-                                  for i, p in zip(data.generate_rows, predictions)]
-    if per_category:
-        metrics["per_category"] = dict(sorted(per_category.items()))
-    return metrics
-
-
-def evaluate_base(config: Config, model, tokenizer, data: Data) -> dict:
-    """`evaluate_model` with the adapters switched off: the base model on the very same tokens."""
-    with model.disable_adapter():
-        return evaluate_model(config, model, tokenizer, data)
-
-
 def fit(trainer: SFTTrainer) -> dict:
     """Train; return loss, runtime, real (non-padding) tokens per second and, on CUDA, peak memory."""
     if torch.cuda.is_available():
@@ -278,8 +166,7 @@ def train(config: Config) -> dict:
     """The whole run; writes `config.output_dir` and returns its metrics (with `timings`: seconds per stage)."""
     timings = Timings()
     check_output_dir(config)
-    check_target_modules(config.model_name_or_path, config.lora_target_modules, config.trust_remote_code)
-    check_model_fits(config)
+    check_model_shape(config)
     set_seed(config.seed)
     with timings("prepare_data"):
         tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
@@ -304,15 +191,4 @@ def train(config: Config) -> dict:
         metrics["timings"] = write_timings(config.output_dir, timings)
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
     log.info("timings (s): %s", timings.summary())
-    return metrics
-
-
-def summarize(base: dict, tuned: dict, train_metrics: dict, model, data: Data, config: Config) -> dict:
-    """One flat metrics dict: fine-tuned values under their names, the base model's under `base_*`."""
-    scalars = lambda d: {k: v for k, v in d.items() if k not in ("generations", "per_category")}  # noqa: E731
-    metrics = scalars(tuned) | {f"base_{k}": v for k, v in scalars(base).items()} | train_metrics
-    metrics["trainable_parameters"], metrics["total_parameters"] = count_parameters(model)
-    metrics["rows"] = {part: len(idx) for part, idx in data.split.items()} | {"excluded": len(data.excluded)}
-    if "per_category" in tuned:
-        metrics["per_category"] = {"base": base["per_category"], "tuned": tuned["per_category"]}
     return metrics

@@ -129,10 +129,8 @@ def field_types(cls) -> dict[str, object]:
     return typing.get_type_hints(cls)
 
 
-def field_kind(name: str) -> str | None:
-    from .config import Config
-
-    return _kind(field_types(Config).get(name))[0]
+def field_kind(cls, name: str) -> str | None:
+    return _kind(field_types(cls).get(name))[0]
 
 
 def _kind(annotation):
@@ -204,12 +202,13 @@ def _number(name: str, value, kind: str) -> float:
     return number
 
 
-def _example(name: str, fallback):
-    from .config import Config  # the field's default is the best example of a good value
+_defaults: contextvars.ContextVar[dict] = contextvars.ContextVar("defaults", default={})
 
-    default = next((f.default for f in dataclasses.fields(Config) if f.name == name), None)
-    good = default if isinstance(default, (int, float)) and not isinstance(default, bool) and default else fallback
-    return good
+
+def _example(name: str, fallback):
+    """The field's default when it is a good example of a value (a number other than 0), else `fallback`."""
+    default = _defaults.get().get(name)
+    return default if isinstance(default, (int, float)) and not isinstance(default, bool) and default else fallback
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -217,6 +216,7 @@ def _example(name: str, fallback):
 def validate(config) -> None:
     """Convert and check every field of `config` in place (see the module's docstring)."""
     hints = field_types(type(config))
+    _defaults.set({f.name: f.default for f in dataclasses.fields(config)})
     for field in dataclasses.fields(config):
         if not field.init:
             continue

@@ -1,4 +1,6 @@
-"""The output folder: write it (atomically), load it back for inference, export a merged model."""
+"""The run folder's life: check `output_dir` before anything loads, resume from its checkpoints, clear
+staging leftovers, save the finished run into it (atomically, `metrics.json` last), and say what to type
+after a stop."""
 
 from __future__ import annotations
 
@@ -6,21 +8,16 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
-
-import torch
-from peft import PeftConfig, PeftModel
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from .card import read_run, write_card
+from .card import write_card
 from .errors import UserError
-from .modeling import load_model, load_tokenizer
+from .files import write_json
+from .modeling import is_model_folder
 
 log = logging.getLogger(__name__)
-
-FINAL_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json")
 
 
 def check_output_dir(config) -> None:
@@ -137,7 +134,7 @@ def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: 
     for name, data in (("run_config.json", json.loads(config.to_json())), ("split.json", split),
                        ("log_history.json", log_history), ("generations.json", generations),
                        ("metrics.json", metrics)):
-        _write_json(staging / name, data)
+        write_json(staging / name, data)
     write_card(staging, json.loads(config.to_json()), metrics, tokenizer)  # replaces PEFT's empty template
     for name in sorted(os.listdir(staging), key=lambda n: n == "metrics.json"):
         if (staging / name).is_file():
@@ -147,112 +144,3 @@ def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: 
         os.replace(staging / name, out / name)
     staging.rmdir()
     return out
-
-
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
-
-
-def load_for_inference(adapter_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a run folder: the base model plus the saved LoRA adapter, in eval mode."""
-    path = Path(adapter_dir)
-    check_adapter_dir(path)
-    if not (path / "adapter_model.safetensors").is_file():
-        raise UserError(f"{adapter_dir} has no adapter_model.safetensors (only safetensors are loaded): "
-                        "re-save the adapter with safe_serialization=True")
-    device, dtype = inference_device_and_dtype(device, dtype)
-    base_name = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    tokenizer = load_tokenizer(str(path))
-    model = load_model(base_name, dtype, device=device)
-    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    _fix_generation_config(model, tokenizer)
-    return model.eval(), tokenizer
-
-
-def is_model_folder(path: Path) -> bool:
-    """A full (e.g. merged) transformers model: a config and safetensors weights, no adapter."""
-    return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
-
-
-def inference_device_and_dtype(device: str | None = None, dtype: torch.dtype | None = None):
-    """CUDA in bf16 (fp16 where bf16 is unsupported) when there is a GPU, else the CPU in fp32."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else
-                      torch.float16 if device == "cuda" else torch.float32)
-    return device, dtype
-
-
-def check_export_out(adapter_dir: str, out: Path) -> None:
-    """`export --out` must be a new folder outside the run folder."""
-    if out.is_file():
-        raise UserError(f"--out {out} is an existing file: choose a new folder")
-    if out.exists():
-        raise UserError(f"{out} already exists: remove it or choose another folder")
-    if Path(adapter_dir).resolve() in out.resolve().parents:
-        raise UserError(f"--out {out} is inside the run folder {adapter_dir}: choose a folder outside it "
-                        "(e.g. beside it), so the run folder stays a run")
-
-
-def check_adapter_dir(path: Path) -> None:
-    """A run folder (or one of its checkpoints): fail in one line for anything else."""
-    if path.is_file():
-        raise UserError(f"--adapter {path} is a file: pass the run folder that holds it")
-    if not path.is_dir():
-        raise UserError(f"--adapter {path} does not exist: pass the output folder of a finished run")
-    if not (path / "adapter_config.json").is_file():
-        if is_model_folder(path):
-            raise UserError(f"{path} holds a full (merged) model, not a LoRA adapter: load it with "
-                            "AutoModelForCausalLM.from_pretrained, or pass the run folder it was exported from")
-        raise UserError(f"{path} has no adapter_config.json: pass the output folder of a finished run")
-
-
-def export_merged(adapter_dir: str, out_dir: str) -> Path:
-    """Merge the adapter into the base weights (`merge_and_unload`) and save a standalone folder
-    (safetensors, tokenizer with chat template, generation config with the right EOS)."""
-    out = Path(out_dir)
-    check_export_out(adapter_dir, out)
-    model, tokenizer = load_for_inference(adapter_dir, device="cpu", dtype=torch.float32)
-    merged = model.merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=".merging-"))
-    merged.generation_config.eos_token_id = tokenizer.eos_token_id
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if (Path(adapter_dir) / "run_config.json").is_file():  # the system prompt travels with the model
-        shutil.copy(Path(adapter_dir) / "run_config.json", tmp / "run_config.json")
-    write_card(tmp, *read_run(adapter_dir), tokenizer, merged_to=out_dir)
-    os.replace(tmp, out)
-    return out
-
-
-def push_to_hub(folder: str, repo_id: str) -> str:
-    """Upload a folder to a (private) hub repo; returns a one-line outcome. Skipped, with the reason,
-    when there is no token or no network. The token is read by huggingface_hub, never printed."""
-    from huggingface_hub import HfApi, get_token
-
-    if not get_token():
-        return f"push skipped: no hub token (set HF_TOKEN or run `hf auth login`); {folder} is saved locally"
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        api.upload_folder(folder_path=folder, repo_id=repo_id)
-    except Exception as error:  # no network, no permission: the local folder is still complete
-        return f"push skipped: could not upload to {repo_id} ({type(error).__name__}); {folder} is saved locally"
-    return f"pushed {folder} to {repo_id}"
-
-
-def saved_system_prompt(run_dir: str) -> str | None:
-    """The system prompt a run was trained with (`run_config.json`), so inference formats prompts the same."""
-    path = os.path.join(run_dir, "run_config.json")
-    if not os.path.isfile(path):
-        return None  # load_for_inference says what is missing
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file).get("system_prompt") or None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is unreadable ({error}): it records the run's system prompt; restore it or pass "
-                        "--system_prompt") from None
-
-
-def _fix_generation_config(model, tokenizer) -> None:
-    config = model.generation_config
-    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id

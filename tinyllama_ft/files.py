@@ -1,0 +1,49 @@
+"""Writing files so that a reader never sees half of one: a folder or a JSON file is written under a
+temporary name beside its target and renamed into place (one `os.replace`, atomic on one file
+system), readable by others (safetensors and `mkdtemp` create private files)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_json(path: Path, data) -> None:
+    """`data` as indented JSON (numpy and torch scalars as floats), in place: for files inside a staging folder."""
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+def replace_json(path: Path, data) -> None:
+    """Replace `path` with `data` as JSON atomically: readers see the old file or the new one, never half."""
+    staging = path.with_name(f".{path.name}.tmp")
+    write_json(staging, data)
+    os.chmod(staging, 0o644)
+    os.replace(staging, path)
+
+
+def make_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644: the outputs are meant to be shared."""
+    os.chmod(folder, 0o755)
+    for path in folder.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+@contextlib.contextmanager
+def written_folder(out: Path, prefix: str):
+    """Yield a new, empty temporary folder beside `out` to write into; when the block ends it becomes
+    `out` (readable by others); when it fails, it is removed. So `out` is whole or absent, and nothing
+    is left behind (in the system temp folder either)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{prefix}-"))  # same file system: the rename is atomic
+    try:
+        yield tmp
+        make_readable(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,109 @@
+"""The one way in to a saved model: `load_saved(folder)` for a run folder (base + LoRA adapter) or a
+merged export (a plain transformers folder), on the device and in the dtype inference wants, with the
+generation config, the saved system prompt and the context length. Every command that uses a model
+(generate, chat, serve, export, GGUF) loads through it, so each accepts the same folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel
+
+from .errors import UserError
+from .modeling import is_model_folder, load_model, load_tokenizer
+
+
+def load_saved(folder: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) in eval mode from a run folder (the base model plus the saved LoRA adapter)
+    or from a merged export (a plain `AutoModelForCausalLM` folder, `python -m tinyllama_ft export`).
+    `device` and `dtype` default to `inference_device_and_dtype`'s choice."""
+    path = Path(folder)
+    check_saved_folder(path)
+    device, dtype = inference_device_and_dtype(device, dtype)
+    if (path / "adapter_config.json").is_file():
+        base_name = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+        tokenizer = load_tokenizer(str(path))
+        model = PeftModel.from_pretrained(load_model(base_name, dtype, device=device), str(path), is_trainable=False)
+    else:
+        tokenizer = load_tokenizer(str(path))
+        model = load_model(str(path), dtype, device=device)
+    set_generation_config(model, tokenizer)
+    return model.eval(), tokenizer
+
+
+load_for_inference = load_saved  # the name the notebook and the first releases use
+
+
+def load_merged(folder: str):
+    """(model, tokenizer) of `folder` as one plain model on the CPU in fp32, for the exports: a run's
+    adapter merged into the base weights (`merge_and_unload`, in fp32 so nothing is rounded), or a
+    merged export as it is."""
+    model, tokenizer = load_saved(folder, device="cpu", dtype=torch.float32)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), tokenizer
+
+
+def check_saved_folder(path: Path) -> None:
+    """A run folder (or one of its checkpoints) or a merged export: fail in one line for anything else."""
+    if path.is_file():
+        raise UserError(f"--adapter {path} is a file: pass the run folder that holds it")
+    if not path.is_dir():
+        raise UserError(f"--adapter {path} does not exist: pass the output folder of a finished run")
+    if (path / "adapter_config.json").is_file():
+        if not (path / "adapter_model.safetensors").is_file():
+            raise UserError(f"{path} has no adapter_model.safetensors (only safetensors are loaded): "
+                            "re-save the adapter with safe_serialization=True")
+    elif not is_model_folder(path):
+        raise UserError(f"{path} is neither a run folder (adapter_config.json) nor a merged export (config.json "
+                        "and .safetensors weights): pass the output folder of `train` or of `export`")
+
+
+def base_model_name(folder: str) -> str:
+    """The model a saved folder was tuned from: the adapter's base, else the run's `model_name_or_path`
+    (a merged export carries its run's `run_config.json`), else the folder itself."""
+    if (Path(folder) / "adapter_config.json").is_file():
+        return PeftConfig.from_pretrained(folder).base_model_name_or_path
+    run_config = Path(folder) / "run_config.json"
+    if run_config.is_file():
+        try:
+            return json.loads(run_config.read_text(encoding="utf-8")).get("model_name_or_path") or folder
+        except ValueError:
+            return folder
+    return folder
+
+
+def inference_device_and_dtype(device: str | None = None, dtype: torch.dtype | None = None):
+    """CUDA in bf16 (fp16 where bf16 is unsupported) when there is a GPU, else the CPU in fp32."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else
+                      torch.float16 if device == "cuda" else torch.float32)
+    return device, dtype
+
+
+def set_generation_config(model, tokenizer) -> None:
+    """Generation stops at the tokenizer's EOS and pads with its pad token."""
+    config = model.generation_config
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+
+def saved_system_prompt(folder: str) -> str | None:
+    """The system prompt a run was trained with (`run_config.json`), so inference formats prompts the same."""
+    path = os.path.join(folder, "run_config.json")
+    if not os.path.isfile(path):
+        return None  # load_saved says what is missing
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file).get("system_prompt") or None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is unreadable ({error}): it records the run's system prompt; restore it or pass "
+                        "--system_prompt") from None
+
+
+def context_length(model) -> int:
+    """The model's positions: prompt and answer together must fit in them."""
+    return int(model.config.max_position_embeddings)
