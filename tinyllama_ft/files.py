@@ -47,3 +47,39 @@ def written_folder(out: Path, prefix: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- replacing a finished folder by a new one, crash-safely --------------------------------------
+
+def replacement_paths(out: Path) -> tuple[Path, Path]:
+    """(the new folder, written beside `out` while `out` stays as it is; the old one, for a moment
+    while the two are swapped): hidden siblings on the same file system, so each move is one rename."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.replacing"), out.with_name(f".{out.name}.replaced")
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Make the complete folder `new` be `out`: `out` moves aside, `new` takes its name, the old one
+    is deleted. A crash between the two renames leaves both, which `finish_replacement` completes."""
+    _, old = replacement_paths(out)
+    make_readable(new)
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_replacement(out: Path, complete=None) -> None:
+    """After a stop in `swap_in`: put whichever folder is whole at `out` (the new one when
+    `complete(new)`, else the old one) and delete the rest. A no-op when nothing was interrupted."""
+    out = Path(out)
+    new, old = replacement_paths(out)
+    if not old.exists():
+        return
+    complete = complete or (lambda folder: (folder / "metrics.json").is_file())
+    if out.exists():  # the swap finished; only the deletion of the old folder did not
+        shutil.rmtree(old, ignore_errors=True)
+    elif new.exists() and complete(new):
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, out)

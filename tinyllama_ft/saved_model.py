@@ -13,6 +13,7 @@ import torch
 from peft import PeftConfig, PeftModel
 
 from .errors import UserError
+from .files import finish_replacement
 from .modeling import is_model_folder, load_model, load_tokenizer
 
 
@@ -50,6 +51,7 @@ def load_merged(folder: str):
 
 def check_saved_folder(path: Path) -> None:
     """A run folder (or one of its checkpoints) or a merged export: fail in one line for anything else."""
+    finish_replacement(path)  # a run that replaced another, stopped between its two renames
     if path.is_file():
         raise UserError(f"--adapter {path} is a file: pass the run folder that holds it")
     if not path.is_dir():

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 
 import torch
 import trl.trainer.utils as trl_utils
@@ -23,7 +24,7 @@ from .config import Config, compute_dtype
 from .data import Data, prepare_data
 from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
 from .modeling import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
-from .run_folder import check_output_dir, resume_path, save_run
+from .run_folder import check_output_dir, finish_run, resume_path, save_run, training_folder
 from .timings import Timings, write_timings
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,14 @@ class Trainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
 
-def trainer_config(config: Config) -> Config:
+def trainer_config(config: Config, folder: str | Path | None = None) -> Config:
     """The configuration handed to TRL. With padding-free batches (the default) TRL gets
     `max_length=None`, as it refuses `padding_free` without packing otherwise (rows over `max_length`
     are already dropped by `prepare_data`), and counts every token as real, since none is padding
     (its `non_padding` count would skip the EOS tokens, which equal the pad token)."""
+    if folder is not None and str(folder) != config.output_dir:  # a run replacing another is written beside it
+        config = copy.copy(config)
+        config.output_dir = str(folder)
     if config.padding_free and not config.packing and config.max_length is not None:
         config = copy.copy(config)
         config.max_length = None
@@ -132,13 +136,13 @@ def trainer_config(config: Config) -> Config:
     return config
 
 
-def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
+def build_trainer(config: Config, model, tokenizer, data: Data, folder: str | Path | None = None) -> SFTTrainer:
     """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100 (or, padding-free,
     concatenates rows with restarting position ids), so the EOS stays trained."""
     eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
     if eval_dataset is None:
         config.eval_strategy = "no"
-    return Trainer(model=model, args=trainer_config(config), train_dataset=data.dataset("train"), eval_dataset=eval_dataset,
+    return Trainer(model=model, args=trainer_config(config, folder), train_dataset=data.dataset("train"), eval_dataset=eval_dataset,
                       processing_class=tokenizer)
 
 
@@ -173,9 +177,10 @@ def train(config: Config) -> dict:
         data = prepare_data(config, tokenizer)
         log.info("configuration:\n%s", config.to_json())  # only once known good: bad input shows just its error
         log.info("data: %s", data.stats(config.max_length))
+    folder = training_folder(config)  # every check passed: only now may a run being replaced be touched
     with timings("load_model"):
         model = setup_model(config, tokenizer)
-        trainer = build_trainer(config, model, tokenizer, data)
+        trainer = build_trainer(config, model, tokenizer, data, folder)
     with timings("evaluate_base"):
         base = evaluate_base(config, model, tokenizer, data)
     with timings("train"):
@@ -186,9 +191,10 @@ def train(config: Config) -> dict:
         metrics = summarize(base, tuned, train_metrics, model, data, config) | {"timings": timings.as_dict()}
         save_run(config, model, tokenizer, metrics, data.split, trainer.state.log_history,
                  generations={"base": base.get("generations", []), "tuned": tuned.get("generations", [])},
-                 trainer=trainer)
+                 trainer=trainer, folder=folder)
     if trainer.is_world_process_zero():  # metrics.json gets the final timings, saving included
-        metrics["timings"] = write_timings(config.output_dir, timings)
+        metrics["timings"] = write_timings(folder, timings)
+        finish_run(config, folder)  # a run it replaces goes only now, the new one complete
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
     log.info("timings (s): %s", timings.summary())
     return metrics
