@@ -36,7 +36,9 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--dataset_name", "{tmp}/empty_response.jsonl"], "row 3: 'response' is empty"),
     (["--dataset_name", "{tmp}/empty.jsonl"], "has no rows"),
     (["--dataset_name", "{tmp}/nowhere.jsonl"], "does not exist"),
-    (["--dataset_name", "{tmp}/rows.csv"], "not .json, .jsonl or .parquet"),
+    (["--dataset_name", "{tmp}/rows.txt"], "not .json, .jsonl, .csv or .parquet"),
+    (["--dataset_name", "{tmp}/rows.csv"], "rows.csv has no rows"),  # a header line only
+    (["--dataset_name", "{tmp}/ragged.csv"], "row 1 (line 3) has more cells than the header"),
     (["--dataset_name", "{tmp}/broken.jsonl"], "invalid JSON on line 3"),
     (["--lora_rank", "8"], "lora_rank"),
     (["--lora_r", "eight"], "--lora_r eight: must be a whole number: pass --lora_r 16"),
@@ -70,7 +72,7 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--max_length", "4096"], "max_length 4096 is beyond the model's 1024 positions"),
     (["--eval_size", "0", "--eval_steps", "3"], "eval_steps is set but eval_size is 0"),
     (["--test_size", "0"], "num_generate (8) is larger than test_size (0)"),
-    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--precision", "fp8"], "--precision fp8: must be one of auto, bf16, fp16, fp32"),
     (["--lr_scheduler_type", "bogus"], "bogus is not a valid SchedulerType"),
     (["--lora_target_modules"], "expected at least one argument"),
     (["--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"], "contradict each other"),
@@ -92,6 +94,8 @@ def tmp(tmp_path_factory):
     for name, rows in DATASETS.items():
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "rows.csv").write_text("instruction,context,response\n")
+    (folder / "rows.txt").write_text("instruction,context,response\n")
+    (folder / "ragged.csv").write_text("instruction,context,response\na,,b\nc,,d,e\n")
     (folder / "broken.yaml").write_text("lora_r: 8\n  bad: [\n")
     (folder / "list.yaml").write_text("- lora_r: 8\n")
     (folder / "a_file.txt").write_text("not a folder\n")

@@ -12,7 +12,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "tinyllama_ft"
 # Lowest first: a module may import only the modules listed before it.
 LAYERS = ["errors", "files", "timings", "validation", "config_sources", "formats", "config", "encoding", "data", "modeling", "tables", "generation",
-          "evaluate", "card", "run_folder", "train", "saved_model", "export", "gguf_export", "chat", "api", "serve",
+          "evaluate", "card", "run_folder", "fingerprint", "train", "saved_model", "export", "gguf_export", "chat", "api", "serve",
           "plots", "bench", "bench_worker", "cli", "__main__"]
 MAX_LINES = 400
 

@@ -8,8 +8,10 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from .errors import ArgParser, UserError
+from .files import check_out_file, write_text_file
 
 USAGE = """python -m tinyllama_ft COMMAND [options]
 
@@ -113,6 +115,8 @@ def cmd_preview(args: list[str]) -> None:
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--out", help="write JSON lines here instead of stdout")
     opts = _parse(parser, args)
+    if opts.out:
+        check_out_file(Path(opts.out))
     if opts.n <= 0:
         raise UserError(f"--n must be > 0, got {opts.n}: the number of rows to show")
     if opts.max_length < 16:
@@ -132,8 +136,7 @@ def cmd_preview(args: list[str]) -> None:
     encoded, excluded, _ = encode_rows(tokenizer, conversations, opts.max_length)
     lines = [json.dumps({"row": i, **encoded[i]}) for i in sorted(encoded)]
     if opts.out:
-        with open(opts.out, "w", encoding="utf-8") as file:
-            file.write("".join(line + "\n" for line in lines))
+        write_text_file(Path(opts.out), "".join(line + "\n" for line in lines))
     else:
         print("\n".join(lines))
     for index, why in excluded.items():

@@ -30,6 +30,8 @@ class _Parser(TrlParser):
         flags = [word[2:].split("=")[0] for word in message.split() if word.startswith("--")]
         hint = close_match(flags[0], [a.dest for a in self._actions]) if message.startswith("unrecognized") and flags \
             else ""
+        if "expected one argument" in message:
+            hint = " (a value that starts with '-' is written --name=VALUE)"
         raise UserError(f"{message}{hint}; see `python -m tinyllama_ft config --help`")
 
 
@@ -57,7 +59,7 @@ def _flag_parser(cls) -> "_Parser":
     for action in parser._actions:
         action.default = argparse.SUPPRESS
         if kinds.get(action.dest) in ("int", "float", "bool", "str", "list"):
-            action.type = None  # converted by `validate`, so a flag's error reads like a file's or a variable's
+            action.type = action.choices = None  # checked by `validate`: a flag's error reads like a file's
     return parser
 
 

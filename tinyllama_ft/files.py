@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 
 def write_json(path: Path, data) -> None:
     """`data` as indented JSON (numpy and torch scalars as floats), in place: for files inside a staging folder."""
@@ -23,6 +25,28 @@ def replace_json(path: Path, data) -> None:
     write_json(staging, data)
     os.chmod(staging, 0o644)
     os.replace(staging, path)
+
+
+def check_out_file(path: Path) -> None:
+    """An output file path a command may write: not a folder; its parents are created when missing."""
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder: pass a file path (e.g. {path / 'preview.jsonl'})")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {path}: {parent} is a file, not a folder: choose another path")
+
+
+def write_text_file(path: Path, text: str) -> None:
+    """`text` into `path` atomically (a temporary file beside it, renamed), parents created, mode 0644."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        os.chmod(staging, 0o644)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
 
 
 def make_readable(folder: Path) -> None:

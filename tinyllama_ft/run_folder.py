@@ -69,6 +69,9 @@ RUN_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "r
              "comparison.png", "timings.png"}
 
 
+CARDS = ("tinyllama_ft", "It has been trained using [TRL]")  # our card; the one TRL writes at each checkpoint
+
+
 def foreign_files(path: Path) -> list[str]:
     """Names in `path` this project does not write: neither a run's files, its `checkpoint-N` folders
     nor staging leftovers; a README.md counts as ours only when it is a card of this project."""
@@ -77,7 +80,7 @@ def foreign_files(path: Path) -> list[str]:
         name = entry.name
         if name.startswith(".tmp-") or (name.startswith("checkpoint-") and entry.is_dir()):
             continue
-        if name == "README.md" and "tinyllama_ft" in entry.read_text(encoding="utf-8", errors="replace"):
+        if name == "README.md" and any(mark in entry.read_text(encoding="utf-8", errors="replace") for mark in CARDS):
             continue
         if name not in RUN_FILES or name == "README.md" or entry.is_dir():
             foreign.append(name)
@@ -154,8 +157,19 @@ def resume_path(args) -> str | None:
         if not (path / "trainer_state.json").is_file():
             raise UserError(f"{value} is not a checkpoint (no trainer_state.json): pass a checkpoint-N folder "
                             "of a run, or true for the newest one in --output_dir")
-        return str(value)
-    return get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        return _readable_checkpoint(str(value))
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    return _readable_checkpoint(last) if last else None
+
+
+def _readable_checkpoint(checkpoint: str) -> str:
+    state = Path(checkpoint) / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{state} is damaged ({error}): delete {Path(checkpoint).name} to resume from the one "
+                        "before it, or start over with --overwrite_output_dir true") from None
+    return checkpoint
 
 
 def restart_hint(config) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 import trl.trainer.utils as trl_utils
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.trainer import rotate_checkpoints
 from trl import SFTTrainer
 
@@ -24,6 +25,8 @@ from .config import Config, compute_dtype
 from .data import Data, prepare_data
 from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
 from .modeling import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
+from .fingerprint import FILE as FINGERPRINT_FILE, apply_new_cadence, check_resume, fingerprint
+from .files import write_json
 from .run_folder import check_output_dir, finish_run, resume_path, save_run, training_folder
 from .timings import Timings, write_timings
 
@@ -114,6 +117,9 @@ class Trainer(SFTTrainer):
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            # what defines the run (compared on resume) and its settings (a checkpoint is used like a run folder)
+            write_json(Path(staging) / name / FINGERPRINT_FILE, self.fingerprint)
+            write_json(Path(staging) / name / "run_config.json", self.run_config)
             os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
             shutil.rmtree(staging)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
@@ -142,8 +148,18 @@ def build_trainer(config: Config, model, tokenizer, data: Data, folder: str | Pa
     eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
     if eval_dataset is None:
         config.eval_strategy = "no"
-    return Trainer(model=model, args=trainer_config(config, folder), train_dataset=data.dataset("train"), eval_dataset=eval_dataset,
-                      processing_class=tokenizer)
+    trainer = Trainer(model=model, args=trainer_config(config, folder), train_dataset=data.dataset("train"),
+                      eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=[NewCadence()])
+    trainer.fingerprint = fingerprint(config, data.examples("train"))
+    trainer.run_config = json.loads(config.to_json())
+    return trainer
+
+
+class NewCadence(TrainerCallback):
+    """A resumed run logs, evaluates and saves at this command's steps (`fingerprint.apply_new_cadence`)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        apply_new_cadence(state, args)
 
 
 def fit(trainer: SFTTrainer) -> dict:
@@ -175,6 +191,8 @@ def train(config: Config) -> dict:
     with timings("prepare_data"):
         tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
         data = prepare_data(config, tokenizer)
+        if resume_path(config):  # before the model loads: the checkpoint must continue this very run
+            check_resume(resume_path(config), config, data.examples("train"))
         log.info("configuration:\n%s", config.to_json())  # only once known good: bad input shows just its error
         log.info("data: %s", data.stats(config.max_length))
     folder = training_folder(config)  # every check passed: only now may a run being replaced be touched

@@ -58,7 +58,8 @@ def sources(mapping: dict[str, str]):
 def where(name: str, value) -> str:
     """The value as the user wrote it, for the first words of a message."""
     source = _sources.get().get(name, "keyword")
-    shown = _show(value)
+    flag_words = source in ("flag", "variable") and isinstance(value, list) and all(isinstance(v, str) for v in value)
+    shown = " ".join(value) if flag_words else _show(value)
     if source == "flag":
         return f"--{name} {shown}"
     if source.startswith("file "):
@@ -233,13 +234,13 @@ def validate(config) -> None:
         if optional and isinstance(value, str) and value.strip().lower() in NONE:
             setattr(config, field.name, None)
             continue
-        value = convert(field.name, value, kind)
+        raw, value = value, convert(field.name, value, kind)
         setattr(config, field.name, value)
         rule, choices = field_rule(field), list(field.metadata.get("choices") or [])
         if choices and value not in choices:
-            raise refuse(field.name, value, f"must be one of {', '.join(map(str, choices))}", choices[0])
+            raise refuse(field.name, raw, f"must be one of {', '.join(map(str, choices))}", choices[0])
         if rule and kind in ("int", "float", "list"):
             test, words = parse_rule(rule)
             if not test(value):
                 example = _example(field.name, 1)
-                raise refuse(field.name, value, f"{field.name} {words}", example if kind != "list" else "q_proj")
+                raise refuse(field.name, raw, f"{field.name} {words}", example if kind != "list" else "q_proj")
