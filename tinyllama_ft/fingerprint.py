@@ -12,6 +12,7 @@ gradient_checkpointing, lm_head_labelled_only, tokenization_cache, dataloader_nu
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -47,6 +48,8 @@ def fingerprint(config, train_examples: list[dict]) -> dict:
 
 
 def _plain(value):
+    if isinstance(value, enum.Enum):  # transformers' SchedulerType, OptimizerNames: their names as typed
+        return value.value
     return value if value is None or isinstance(value, (bool, int, float, str, list, dict)) else str(value)
 
 
@@ -88,7 +91,7 @@ def apply_new_cadence(state, args) -> None:
     state.compute_steps(args, state.max_steps)
     changed = {name: (before[name], getattr(state, name)) for name in CADENCE if before[name] != getattr(state, name)}
     if changed:
-        log.info("resumed with %s", ", ".join(f"{name} {new} (the checkpoint had {old})"
+        log.info("resumed with %s", ", ".join(f"{name} {new:g} (the checkpoint had {old:g})"
                                               for name, (old, new) in changed.items()))
 
 
