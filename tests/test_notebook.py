@@ -104,6 +104,19 @@ def test_code_cells_before_the_config_cell_define_no_configuration_field_names()
         assert not names & fields, f"setup cell defines configuration field names {sorted(names & fields)}"
 
 
+def test_the_notebook_runs_the_stages_of_train_in_their_order():
+    """One `run.<stage>()` per stage of `train.STAGES`, in that order, and no stage rebuilt by hand."""
+    import re
+
+    from tinyllama_ft.train import STAGES
+
+    code = "\n".join(source(cell) for cell in code_cells(load_notebook()))
+    assert re.findall(rf"\brun\.({'|'.join(STAGES)})\(", code) == list(STAGES)
+    by_hand = re.findall(r"\b(check_output_dir|check_model_shape|set_seed|prepare_data|setup_model|build_trainer|fit|"
+                         r"evaluate_base|evaluate_model|summarize|save_run|write_timings|Timings)\(", code)
+    assert not by_hand, f"the notebook calls what a stage of Run does: {by_hand}"
+
+
 def test_code_cells_stay_thin():
     for cell in code_cells(load_notebook()):
         if "parameters" in cell.get("metadata", {}).get("tags", []):
@@ -205,3 +218,12 @@ def test_notebook_runs_headless_in_smoke_mode(tmp_path):
     for name in PNGS:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, f"{name} missing from the run folder"
     assert (run / "adapter_model.safetensors").is_file()
+
+    # the same stages as `python -m tinyllama_ft train --preset smoke`: the same adapter, to the bit
+    from safetensors.torch import load_file
+
+    from runs import smoke_run
+
+    notebook_adapter, cli_adapter = (load_file(folder / "adapter_model.safetensors") for folder in (run, smoke_run()))
+    assert notebook_adapter.keys() == cli_adapter.keys()
+    assert all(notebook_adapter[name].equal(cli_adapter[name]) for name in cli_adapter)

@@ -16,6 +16,7 @@ import yaml
 
 from .encoding import encode_prompt
 from .formats import format_user_turn
+from .tables import comparison_rows, is_smoke
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 # name in the card, and whether higher is better, for the metrics `evaluate_model` writes
@@ -109,7 +110,7 @@ def summary(name: str, run_config: dict, metrics: dict, merged: bool) -> str:
         lines += ["", f"Held-out response loss {metrics['base_eval_loss']:.3f} (base) -> {metrics['eval_loss']:.3f} "
                   f"(fine-tuned)" + (f"; EOS rate {metrics['base_eos_rate']:.2f} -> {metrics['eos_rate']:.2f}"
                                      if "eos_rate" in metrics and "base_eos_rate" in metrics else "") + "."]
-    if run_config.get("preset") == "smoke" or base == "tiny-random-llama":
+    if is_smoke(run_config):
         lines += ["", "**Smoke run**: a tiny random model trained a few steps to check the pipeline; its answers are noise."]
     return "\n".join(lines)
 
@@ -168,11 +169,12 @@ def training_section(run_config: dict, metrics: dict) -> str:
 
 def results_section(metrics: dict) -> str:
     pairs = metric_pairs(metrics)
+    overall = comparison_rows(metrics, [key for key, _ in pairs])[0]
     lines = ["## Results: base vs fine-tuned", "",
              "The same held-out rows for both: loss and perplexity over the response tokens of the validation rows, "
              "greedy generations on test rows for ROUGE / BLEU / EOS rate (the base model is the same weights with the "
              "adapter switched off).", "", "| metric | base | fine-tuned |", "|---|---|---|"]
-    lines += [f"| {label} | {_fmt(metrics[f'base_{key}'])} | {_fmt(metrics[key])} |" for key, label in pairs]
+    lines += [f"| {label} | {_fmt(overall[(key, 'base')])} | {_fmt(overall[(key, 'tuned')])} |" for key, label in pairs]
     per = metrics.get("per_category") or {}
     base, tuned = per.get("base", {}), per.get("tuned", {})
     categories = sorted(set(base) & set(tuned))
@@ -186,9 +188,9 @@ def results_section(metrics: dict) -> str:
         header = " | ".join(f"{short.get(k, k)} base | {short.get(k, k)} tuned" for k in keys)
         lines += ["", "Per category (validation rows / test generations):", "",
                   f"| category | rows (val/gen) | {header} |", "|---|---|" + "---|---|" * len(keys)]
-        for c in categories:
-            cells = " | ".join(f"{_fmt(base[c].get(k))} | {_fmt(tuned[c].get(k))}" for k in keys)
-            lines.append(f"| {c} | {tuned[c].get('eval_rows', '-')}/{tuned[c].get('rows', '-')} | {cells} |")
+        for row in comparison_rows(metrics, keys)[1:]:
+            cells = " | ".join(f"{_fmt(row[(k, 'base')])} | {_fmt(row[(k, 'tuned')])}" for k in keys)
+            lines.append(f"| {row['scope']} | {row['rows']} | {cells} |")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from transformers import TextStreamer
 from .encoding import encode_prompt, find_special_text
 from .errors import UserError
 from .formats import prompt_messages
+from .generation import decode_answer
 from .saved_model import context_length, load_saved, saved_system_prompt
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Chat:
     @torch.no_grad()
     def answer(self, ids: list[int], out: TextIO | None = None) -> str:
         """Generate after `ids` (greedy unless `temperature` > 0) until EOS or `max_new_tokens`;
-        the text is decoded exactly as `evaluate.generate` decodes it."""
+        the text is decoded exactly as `generate` decodes it (`decode_answer`)."""
         device = next(self.model.parameters()).device
         sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 \
             else dict(do_sample=False, num_beams=1)
@@ -105,10 +106,7 @@ class Chat:
         output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                      max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                                      pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **sampling)
-        new = output[0, len(ids):].tolist()
-        if self.tokenizer.eos_token_id in new:
-            new = new[: new.index(self.tokenizer.eos_token_id)]
-        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return decode_answer(self.tokenizer, output[0, len(ids):].tolist())["text"]
 
 
 def chat_turns(model, tokenizer, turns: list[str], out: TextIO | None = sys.stdout, **options) -> list[str]:
@@ -124,9 +122,11 @@ def chat_turns(model, tokenizer, turns: list[str], out: TextIO | None = sys.stdo
     return answers
 
 
-def run_chat(chat: Chat, lines: Iterable[str], out: TextIO = sys.stdout) -> None:
+def run_chat(chat: Chat, lines: Iterable[str], out: TextIO | None = None) -> None:
     """The chat loop: one user turn a line; `/reset` forgets the conversation, `/exit` or the end of
-    the lines quits. Bad input (special-token text, a message too long) is reported and skipped."""
+    the lines quits. Bad input (special-token text, a message too long) is reported and skipped.
+    Answers go to `out`, default standard output (as it is when called)."""
+    out = sys.stdout if out is None else out
     try:
         for line in lines:
             text = line.strip()
@@ -149,8 +149,10 @@ def run_chat(chat: Chat, lines: Iterable[str], out: TextIO = sys.stdout) -> None
         out.write("\n")
 
 
-def read_turns(stream: TextIO = sys.stdin) -> Iterable[str]:
-    """User turns from a terminal (with a prompt, on stderr) or piped in, one a line."""
+def read_turns(stream: TextIO | None = None) -> Iterable[str]:
+    """User turns from a terminal (with a prompt, on stderr) or piped in, one a line; default: standard input
+    (as it is when called, so that a replaced `sys.stdin` is read)."""
+    stream = sys.stdin if stream is None else stream
     if not stream.isatty():
         yield from stream
         return

@@ -24,6 +24,8 @@ from .errors import UserError
 from .validation import refuse, sources, validate
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
+RESUME_NEWEST = ("true", "yes", "1")  # --resume_from_checkpoint values that mean "the newest checkpoint"
+RESUME_OFF = ("false", "no", "0", "", "none")  # ... and those that mean "start from the beginning"
 SAMPLE_DATA = str(Path(__file__).parent / "samples" / "sample.jsonl")
 
 PRESETS: dict[str, dict] = {
@@ -252,7 +254,7 @@ class Config(SFTConfig):
         if self.lora_alpha > 64 * self.lora_r:
             raise UserError(f"lora_alpha {self.lora_alpha} is over 64 x lora_r {self.lora_r}: the adapter's scale "
                             "alpha / r would blow up the update; the usual lora_alpha is r or 2 r")
-        if self.overwrite_output_dir and str(self.resume_from_checkpoint).lower() not in ("none", "false", "no", "0", ""):
+        if self.overwrite_output_dir and wants_resume(self.resume_from_checkpoint):
             raise UserError("--overwrite_output_dir true and --resume_from_checkpoint contradict each other: pass "
                             "one of them (overwrite starts over, resume continues)")
         if self.num_generate > self.test_size:
@@ -266,6 +268,11 @@ class Config(SFTConfig):
         data = self.to_dict()
         data.pop("hub_token", None)
         return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+def wants_resume(value) -> bool:
+    """Whether `--resume_from_checkpoint` asks to continue: a checkpoint path, or one of `RESUME_NEWEST`."""
+    return value is not None and str(value).lower() not in RESUME_OFF
 
 
 def _require_cuda_and(flag: str, module: str, package: str) -> None:

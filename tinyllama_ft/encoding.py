@@ -113,8 +113,8 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int, cache_dir: str | P
     conversations `check_turns` refuses are dropped too, each with its reason.
 
     With `cache_dir`, the encodings are kept there, keyed by the rows, the tokenizer, its chat
-    template and the code of this module and `formats`, so a second run on the same data skips tokenizing (any
-    `max_length`); see `encoding_cache_path`."""
+    template and the code of this module and `formats`, so a second run on the same data skips
+    tokenizing (any `max_length`); see `encoding_cache_path`."""
     items, errors = _encode_all(tokenizer, rows, cache_dir)
     encoded, excluded, lengths = {}, dict(errors), {}
     for index, item in items.items():
@@ -137,7 +137,8 @@ def encoding_cache_path(tokenizer, rows: list[dict], cache_dir: str | Path) -> P
     digest = hashlib.sha256()
     code = inspect.getsource(sys.modules[__name__]) + inspect.getsource(formats)  # how rows become ids
     for part in (code, transformers.__version__, backend.to_str(), str(tokenizer.chat_template),
-                 json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str), json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)):
+                 json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+                 json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)):
         digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return Path(cache_dir) / f"encoded-{digest.hexdigest()[:32]}.npz"

@@ -9,18 +9,19 @@ from pathlib import Path
 from .card import read_run, write_card
 from .errors import UserError
 from .files import written_folder
-from .saved_model import load_merged
+from .saved_model import load_merged, run_folder_of
 
 
 def check_export_out(adapter_dir: str, out: Path) -> None:
-    """`export --out` must be a new folder outside the run folder."""
+    """`export --out` must be a new folder outside the saved folder (and, for a checkpoint, outside its run)."""
     if out.is_file():
         raise UserError(f"--out {out} is an existing file: choose a new folder")
     if out.exists():
         raise UserError(f"{out} already exists: remove it or choose another folder")
-    if Path(adapter_dir).resolve() in out.resolve().parents:
-        raise UserError(f"--out {out} is inside the run folder {adapter_dir}: choose a folder outside it "
-                        "(e.g. beside it), so the run folder stays a run")
+    for folder in dict.fromkeys([Path(adapter_dir), run_folder_of(adapter_dir)]):
+        if folder.resolve() in out.resolve().parents:
+            raise UserError(f"--out {out} is inside the run folder {folder}: choose a folder outside it "
+                            "(e.g. beside it), so the run folder stays a run")
 
 
 def export_merged(adapter_dir: str, out_dir: str) -> Path:
@@ -30,12 +31,13 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     out = Path(out_dir)
     check_export_out(adapter_dir, out)
     merged, tokenizer = load_merged(adapter_dir)
+    run = run_folder_of(adapter_dir)  # a checkpoint's settings are its run's
     with written_folder(out, "merging") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if (Path(adapter_dir) / "run_config.json").is_file():  # the system prompt travels with the model
-            shutil.copy(Path(adapter_dir) / "run_config.json", tmp / "run_config.json")
-        write_card(tmp, *read_run(adapter_dir), tokenizer, merged_to=out_dir)
+        if (run / "run_config.json").is_file():  # the system prompt travels with the model
+            shutil.copy(run / "run_config.json", tmp / "run_config.json")
+        write_card(tmp, *read_run(run), tokenizer, merged_to=out_dir)
     return out
 
 

@@ -101,8 +101,14 @@ def _generate_into(results, order, model, tokenizer, prompts, max_new_tokens, ba
                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         for row, index in enumerate(chunk):
-            new = output[row, width:].tolist()
-            ended = tokenizer.eos_token_id in new
-            new = new[: new.index(tokenizer.eos_token_id)] if ended else new
-            results[index] = {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "ended": ended,
-                              "tokens": len(new) + ended}
+            results[index] = decode_answer(tokenizer, output[row, width:].tolist())
+
+
+def decode_answer(tokenizer, new_ids: list[int]) -> dict:
+    """The answer in the ids a model generated: cut at the first EOS and decoded without special tokens,
+    stripped (`text`); whether the model emitted that EOS itself (`ended`); how many ids it generated, the
+    EOS included (`tokens`). `generate`, evaluation and `chat` all read answers this way."""
+    ended = tokenizer.eos_token_id in new_ids
+    kept = new_ids[: new_ids.index(tokenizer.eos_token_id)] if ended else new_ids
+    return {"text": tokenizer.decode(kept, skip_special_tokens=True).strip(), "ended": ended,
+            "tokens": len(kept) + ended}

@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from .card import write_card
+from .config import RESUME_NEWEST, wants_resume
 from .errors import UserError
 from .files import finish_replacement, replacement_paths, swap_in, write_json
 from .modeling import is_model_folder
@@ -119,7 +120,7 @@ def finish_run(config, folder: Path) -> None:
 
 
 def _log_fresh_start(config, path: Path) -> None:
-    if _wants_resume(config.resume_from_checkpoint) and str(config.resume_from_checkpoint).lower() in TRUE:
+    if str(config.resume_from_checkpoint).lower() in RESUME_NEWEST:
         log.info("no checkpoint in %s yet: starting from the beginning", path)
 
 
@@ -137,20 +138,13 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-TRUE = ("true", "yes", "1")
-
-
-def _wants_resume(value) -> bool:
-    return value is not None and str(value).lower() not in ("false", "no", "0", "", "none")
-
-
 def resume_path(args) -> str | None:
     """`--resume_from_checkpoint true` means the newest complete checkpoint in `output_dir`, or None
     (start from the beginning) when there is none yet; a path must be a checkpoint folder."""
     value = args.resume_from_checkpoint
-    if not _wants_resume(value):
+    if not wants_resume(value):
         return None
-    if str(value).lower() not in TRUE:
+    if str(value).lower() not in RESUME_NEWEST:
         path = Path(value)
         if not path.exists():
             raise UserError(f"checkpoint {value} does not exist: pass a checkpoint-N folder or true")

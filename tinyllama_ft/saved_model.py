@@ -1,12 +1,14 @@
-"""The one way in to a saved model: `load_saved(folder)` for a run folder (base + LoRA adapter) or a
+"""The one way in to a saved model: `load_saved(folder)` for a run folder (base + LoRA adapter), one of
+its `checkpoint-N` folders (with the run's settings: `run_config.json` of the run folder it is in) or a
 merged export (a plain transformers folder), on the device and in the dtype inference wants, with the
-generation config, the saved system prompt and the context length. Every command that uses a model
-(generate, chat, serve, export, GGUF) loads through it, so each accepts the same folders."""
+generation config, the saved system prompt and the context length; and `load_merged`, the one CPU-fp32
+merge both exports write. Every command that uses a saved model (generate, chat, serve, export, GGUF)
+loads through here, so each accepts the same folders."""
 
 from __future__ import annotations
 
 import json
-import os
+import re
 from pathlib import Path
 
 import torch
@@ -18,9 +20,10 @@ from .modeling import is_model_folder, load_model, load_tokenizer
 
 
 def load_saved(folder: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) in eval mode from a run folder (the base model plus the saved LoRA adapter)
-    or from a merged export (a plain `AutoModelForCausalLM` folder, `python -m tinyllama_ft export`).
-    `device` and `dtype` default to `inference_device_and_dtype`'s choice."""
+    """(model, tokenizer) in eval mode from a run folder or one of its `checkpoint-N` folders (the base
+    model plus the saved LoRA adapter) or from a merged export (a plain `AutoModelForCausalLM` folder,
+    `python -m tinyllama_ft export`). `device` and `dtype` default to `inference_device_and_dtype`'s
+    choice. The run's system prompt is `saved_system_prompt(folder)`."""
     path = Path(folder)
     check_saved_folder(path)
     device, dtype = inference_device_and_dtype(device, dtype)
@@ -106,18 +109,42 @@ def _safetensors_problem(file: Path) -> str | None:
     return None
 
 
+def run_folder_of(folder: str | Path) -> Path:
+    """The folder holding the run's settings (`run_config.json`) for a saved folder: the folder itself (a run
+    folder, a merged export), or for a `checkpoint-N` without them, the run folder it is in."""
+    path = Path(folder)
+    if (not (path / "run_config.json").is_file() and re.fullmatch(r"checkpoint-\d+", path.name)
+            and (path.parent / "run_config.json").is_file()):
+        return path.parent
+    return path
+
+
+def saved_settings(folder: str | Path) -> dict:
+    """The run's resolved configuration (`run_config.json`, see `run_folder_of`); {} when there is none."""
+    path = run_folder_of(folder) / "run_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is unreadable ({error}): it records the run's settings and system prompt; restore "
+                        "it, or pass --system_prompt") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} holds no JSON object: restore the run's run_config.json")
+    return settings
+
+
+def saved_system_prompt(folder: str) -> str | None:
+    """The system prompt the run was trained with (`saved_settings`), so inference formats prompts the same."""
+    return saved_settings(folder).get("system_prompt") or None
+
+
 def base_model_name(folder: str) -> str:
     """The model a saved folder was tuned from: the adapter's base, else the run's `model_name_or_path`
     (a merged export carries its run's `run_config.json`), else the folder itself."""
     if (Path(folder) / "adapter_config.json").is_file():
         return PeftConfig.from_pretrained(folder).base_model_name_or_path
-    run_config = Path(folder) / "run_config.json"
-    if run_config.is_file():
-        try:
-            return json.loads(run_config.read_text(encoding="utf-8")).get("model_name_or_path") or folder
-        except ValueError:
-            return folder
-    return folder
+    return saved_settings(folder).get("model_name_or_path") or folder
 
 
 def inference_device_and_dtype(device: str | None = None, dtype: torch.dtype | None = None):
@@ -132,19 +159,6 @@ def set_generation_config(model, tokenizer) -> None:
     """Generation stops at the tokenizer's EOS and pads with its pad token."""
     config = model.generation_config
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-
-
-def saved_system_prompt(folder: str) -> str | None:
-    """The system prompt a run was trained with (`run_config.json`), so inference formats prompts the same."""
-    path = os.path.join(folder, "run_config.json")
-    if not os.path.isfile(path):
-        return None  # load_saved says what is missing
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file).get("system_prompt") or None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is unreadable ({error}): it records the run's system prompt; restore it or pass "
-                        "--system_prompt") from None
 
 
 def context_length(model) -> int:

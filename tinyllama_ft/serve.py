@@ -189,18 +189,23 @@ def check_port_free(host: str, port: int) -> None:
                             "--port") from None
 
 
+def app_for(folder: str, max_new_tokens: int = DEFAULT_MAX_TOKENS, request_timeout_s: float = DEFAULT_TIMEOUT_S):
+    """(the app, the model's name) for `folder`: anything `load_saved` loads, with the run's system prompt."""
+    model, tokenizer = load_saved(folder)
+    name = Path(folder).resolve().name
+    return build_app(model, tokenizer, name, saved_system_prompt(folder), max_new_tokens, request_timeout_s), name
+
+
 def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int = DEFAULT_MAX_TOKENS,
           request_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Load `folder` (a run or a merged export) and serve it until interrupted."""
+    """Load `folder` (a run, a checkpoint of one, or a merged export) and serve it until interrupted."""
     import uvicorn
 
     if max_new_tokens < 1 or not 0 < request_timeout_s < float("inf"):
         raise UserError(f"need --max_new_tokens >= 1 and --request_timeout > 0 seconds, got {max_new_tokens} and "
                         f"{request_timeout_s}")
     check_port_free(host, port)  # before the model loads, which can take minutes
-    model, tokenizer = load_saved(folder)
-    name = Path(folder).resolve().name
-    app = build_app(model, tokenizer, name, saved_system_prompt(folder), max_new_tokens, request_timeout_s)
+    app, name = app_for(folder, max_new_tokens, request_timeout_s)
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
              folder, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")

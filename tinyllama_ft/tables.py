@@ -58,8 +58,10 @@ def show_environment() -> Rendered:
 
 
 def is_smoke(config) -> bool:
-    """True for runs whose numbers mean nothing: the smoke preset or the tiny random model."""
-    return config.preset == "smoke" or config.model_name_or_path == TINY_RANDOM_LLAMA
+    """True for runs whose numbers mean nothing: the smoke preset or the tiny random model. `config`: a
+    `Config`, or a run's settings as a dict (`run_config.json`)."""
+    get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    return get("preset") == "smoke" or get("model_name_or_path") == TINY_RANDOM_LLAMA
 
 
 def smoke_notice(config) -> Rendered | None:
@@ -135,18 +137,22 @@ COMPARED = (("eval_loss", "loss"), ("eval_perplexity", "perplexity"), ("rougeL",
             ("eos_logprob", "EOS log-prob"))
 
 
-def comparison_rows(metrics: dict) -> list[dict]:
-    """One dict per scope (overall, then each category): base and tuned value of each compared metric."""
+def comparison_rows(metrics: dict, keys: list[str] | None = None) -> list[dict]:
+    """The one base-vs-fine-tuned table (the notebook's and the model card's): one dict per scope (overall,
+    then each category) with `scope`, `rows` (validation/generated rows) and `(key, "base")` and
+    `(key, "tuned")` for each metric of `keys` (default: those of `COMPARED`); None where one is missing.
+    `metrics` is `summarize(...)`'s dict (or a run's metrics.json)."""
+    keys = [key for key, _ in COMPARED] if keys is None else keys
     rows = [{"scope": "overall", "rows": _rows_label(metrics)}
-            | {(key, "base"): metrics.get(f"base_{key}") for key, _ in COMPARED}
-            | {(key, "tuned"): metrics.get(key) for key, _ in COMPARED}]
+            | {(key, "base"): metrics.get(f"base_{key}") for key in keys}
+            | {(key, "tuned"): metrics.get(key) for key in keys}]
     per_category = metrics.get("per_category", {})
     for category in sorted(per_category.get("tuned", {})):
         row = {"scope": category or "(none)"}
         counts = []
         for side in ("base", "tuned"):
             scores = per_category.get(side, {}).get(category, {})
-            row |= {(key, side): scores.get(key) for key, _ in COMPARED}
+            row |= {(key, side): scores.get(key) for key in keys}
             if side == "tuned":
                 counts = [scores.get("eval_rows"), scores.get("rows")]
         row["rows"] = "/".join("-" if c is None else str(c) for c in counts)

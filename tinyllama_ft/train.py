@@ -1,7 +1,8 @@
-"""The run, stage by stage: data -> model -> base evaluation -> training -> evaluation -> save.
+"""The run, stage by stage: check -> data -> model -> base evaluation -> training -> evaluation -> save.
 
-Each stage is one function the notebook calls on its own; `train` chains them for the command line.
-The data stage is `data.prepare_data`, the evaluations are `evaluate.py`'s, the run folder `run_folder.py`'s.
+`STAGES` lists them in order and `Run` has one method per stage: `train(config)` calls them all for the
+command line, the notebook one a cell. The data stage is `data.prepare_data`, the evaluations are
+`evaluate.py`'s, the run folder `run_folder.py`'s; here are the model's setup and the trainer.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from .config import Config, compute_dtype
 from .data import Data, prepare_data
 from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
 from .modeling import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
-from .fingerprint import FILE as FINGERPRINT_FILE, apply_new_cadence, check_resume, fingerprint
 from .files import write_json
+from .fingerprint import FILE as FINGERPRINT_FILE, apply_new_cadence, check_resume, fingerprint
 from .run_folder import check_output_dir, finish_run, resume_path, save_run, training_folder
 from .timings import Timings, write_timings
 
@@ -150,7 +151,7 @@ def build_trainer(config: Config, model, tokenizer, data: Data, folder: str | Pa
         config.eval_strategy = "no"
     trainer = Trainer(model=model, args=trainer_config(config, folder), train_dataset=data.dataset("train"),
                       eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=[NewCadence()])
-    trainer.fingerprint = fingerprint(config, data.examples("train"))
+    trainer.fingerprint = fingerprint(config, data.examples("train"))  # written into each checkpoint
     trainer.run_config = json.loads(config.to_json())
     return trainer
 
@@ -182,37 +183,85 @@ def fit(trainer: SFTTrainer) -> dict:
     return metrics
 
 
+# --- the run, stage by stage --------------------------------------------------------------------
+
+# The stages of a run, in order: `train(config)` calls each `Run` method named here, and so does the
+# notebook, one a cell (tests/test_notebook.py checks both the order and that the adapters are the same).
+STAGES = ("check", "prepare_data", "load_model", "evaluate_base", "train", "evaluate_tuned", "save")
+
+
+class Run:
+    """One run of `config`, stage by stage (`STAGES`); each stage keeps what it makes on the run:
+    `tokenizer` and `data`, `model` and `trainer`, `base`, `train_metrics`, `tuned` and `metrics`.
+    `timings` holds the seconds per stage, counted from the run's creation."""
+
+    def __init__(self, config: Config):
+        self.config, self.timings = config, Timings()
+
+    def check(self) -> None:
+        """Before anything loads: the output folder, the settings against the model's shape; then the seed."""
+        check_output_dir(self.config)
+        check_model_shape(self.config)
+        set_seed(self.config.seed)
+        # Where it writes: output_dir, or beside the run it replaces (untouched until this one is complete)
+        self.folder = training_folder(self.config)
+
+    def prepare_data(self) -> Data:
+        """The tokenizer, and the rows validated, encoded, filtered and split (`data.prepare_data`)."""
+        with self.timings("prepare_data"):
+            self.tokenizer = load_tokenizer(self.config.model_name_or_path, self.config.trust_remote_code)
+            self.data = prepare_data(self.config, self.tokenizer)
+            if resume_path(self.config):  # before the model loads: the checkpoint must continue this very run
+                check_resume(resume_path(self.config), self.config, self.data.examples("train"))
+            log.info("configuration:\n%s", self.config.to_json())  # once known good: bad input shows only its error
+            log.info("data: %s", self.data.stats(self.config.max_length))
+        return self.data
+
+    def load_model(self):
+        """The base model with LoRA adapters (`setup_model`) and its trainer (`build_trainer`)."""
+        with self.timings("load_model"):
+            self.model = setup_model(self.config, self.tokenizer)
+            self.trainer = build_trainer(self.config, self.model, self.tokenizer, self.data, self.folder)
+        return self.model
+
+    def evaluate_base(self) -> dict:
+        """The base model (adapters off) on the held-out rows."""
+        with self.timings("evaluate_base"):
+            self.base = evaluate_base(self.config, self.model, self.tokenizer, self.data)
+        return self.base
+
+    def train(self) -> dict:
+        """Fine-tune (`fit`): loss, runtime, real tokens per second."""
+        with self.timings("train"):
+            self.train_metrics = fit(self.trainer)
+        return self.train_metrics
+
+    def evaluate_tuned(self) -> dict:
+        """The fine-tuned model on the same rows, and the run's metrics (`summarize`: base and tuned side by side)."""
+        with self.timings("evaluate_tuned"):
+            self.tuned = evaluate_model(self.config, self.model, self.tokenizer, self.data)
+            self.metrics = summarize(self.base, self.tuned, self.train_metrics, self.model, self.data, self.config)
+        return self.tuned
+
+    def save(self) -> dict:
+        """Everything into `output_dir` (`save_run`), `metrics.json` last, with the seconds per stage."""
+        with self.timings("save"):
+            self.metrics["timings"] = self.timings.as_dict()
+            save_run(self.config, self.model, self.tokenizer, self.metrics, self.data.split,
+                     self.trainer.state.log_history, trainer=self.trainer, folder=self.folder,
+                     generations={"base": self.base.get("generations", []), "tuned": self.tuned.get("generations", [])})
+        if self.trainer.is_world_process_zero():  # metrics.json gets the final timings, saving included
+            self.metrics["timings"] = write_timings(self.folder, self.timings)
+            finish_run(self.config, self.folder)  # a run it replaces goes only now, the new one complete
+        log.info("metrics: %s", {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))})
+        log.info("timings (s): %s", self.timings.summary())
+        return self.metrics
+
+
 def train(config: Config) -> dict:
-    """The whole run; writes `config.output_dir` and returns its metrics (with `timings`: seconds per stage)."""
-    timings = Timings()
-    check_output_dir(config)
-    check_model_shape(config)
-    set_seed(config.seed)
-    with timings("prepare_data"):
-        tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-        data = prepare_data(config, tokenizer)
-        if resume_path(config):  # before the model loads: the checkpoint must continue this very run
-            check_resume(resume_path(config), config, data.examples("train"))
-        log.info("configuration:\n%s", config.to_json())  # only once known good: bad input shows just its error
-        log.info("data: %s", data.stats(config.max_length))
-    folder = training_folder(config)  # every check passed: only now may a run being replaced be touched
-    with timings("load_model"):
-        model = setup_model(config, tokenizer)
-        trainer = build_trainer(config, model, tokenizer, data, folder)
-    with timings("evaluate_base"):
-        base = evaluate_base(config, model, tokenizer, data)
-    with timings("train"):
-        train_metrics = fit(trainer)
-    with timings("evaluate_tuned"):
-        tuned = evaluate_model(config, model, tokenizer, data)
-    with timings("save"):
-        metrics = summarize(base, tuned, train_metrics, model, data, config) | {"timings": timings.as_dict()}
-        save_run(config, model, tokenizer, metrics, data.split, trainer.state.log_history,
-                 generations={"base": base.get("generations", []), "tuned": tuned.get("generations", [])},
-                 trainer=trainer, folder=folder)
-    if trainer.is_world_process_zero():  # metrics.json gets the final timings, saving included
-        metrics["timings"] = write_timings(folder, timings)
-        finish_run(config, folder)  # a run it replaces goes only now, the new one complete
-    log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
-    log.info("timings (s): %s", timings.summary())
-    return metrics
+    """The whole run, every stage of `STAGES`; writes `config.output_dir` and returns its metrics (with
+    `timings`: seconds per stage)."""
+    run = Run(config)
+    for stage in STAGES:
+        getattr(run, stage)()
+    return run.metrics
