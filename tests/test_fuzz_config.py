@@ -101,7 +101,7 @@ SHELL = [("learning_rate", "nan"), ("learning_rate", "inf"), ("lora_r", "8.5"), 
 
 @pytest.mark.parametrize("name, value", SHELL)
 def test_the_shell_sees_one_line_or_a_configuration(name, value):
-    result = subprocess.run([sys.executable, "-m", "tinyllama_ft", "config", *BASE, f"--{name}", value], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tinyllama_ft", "config", *BASE, f"--{name}={value}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode in (0, 2), result.stderr[-2000:]
     if result.returncode == 2:

@@ -215,7 +215,8 @@ class Config(SFTConfig):
                 super().__post_init__()
         except UserError:
             raise
-        except (ValueError, TypeError, ImportError, NotImplementedError, RuntimeError, KeyError, AttributeError) as error:
+        except (ValueError, TypeError, OverflowError, ImportError, NotImplementedError, RuntimeError, KeyError,
+                AttributeError) as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UserError(f"transformers/TRL refuse this configuration ({first}): change the setting it "
                             "names (see `python -m tinyllama_ft config --help`)") from None

@@ -35,7 +35,7 @@ INHERITED_CHECKS = {
     "dataloader_prefetch_factor": "> 0", "eval_accumulation_steps": "> 0", "completion_only_loss": None,
     "neftune_noise_alpha": ">= 0", "data_seed": "[0, 4294967295]", "dataset_num_proc": "> 0",
     "max_seq_length": ">= 16", "pad_to_multiple_of": "> 0", "eval_delay": ">= 0", "warmup_ratio": "[0, 1]",
-    "logging_first_step": None, "torch_empty_cache_steps": "> 0", "ddp_timeout": "> 0",
+    "logging_first_step": None, "torch_empty_cache_steps": "> 0", "ddp_timeout": "[1, 86400000]",
     "average_tokens_across_devices": None,
 }
 HINTS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
