@@ -48,6 +48,9 @@ class PauseAt(TrainerCallback):
 
 build_trainer = pipeline.build_trainer
 pipeline.build_trainer = lambda *a, **k: (lambda t: (t.add_callback(PauseAt()), t)[1])(build_trainer(*a, **k))
+dpo_stage = importlib.import_module("tinyllama_ft.dpo")  # `python tests/pause_probe.py step-N MARKER dpo ...`
+build_dpo_trainer = dpo_stage.build_dpo_trainer
+dpo_stage.build_dpo_trainer = lambda *a, **k: (lambda t: (t.add_callback(PauseAt()), t)[1])(build_dpo_trainer(*a, **k))
 
 save_checkpoint = SFTTrainer._save_checkpoint
 

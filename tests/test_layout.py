@@ -11,8 +11,9 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "tinyllama_ft"
 # Lowest first: a module may import only the modules listed before it.
-LAYERS = ["errors", "files", "timings", "validation", "config_sources", "formats", "config", "encoding", "data", "modeling", "tables", "generation",
-          "evaluate", "card", "run_folder", "fingerprint", "train", "saved_model", "export", "gguf_export", "chat", "api", "serve",
+LAYERS = ["errors", "files", "timings", "validation", "config_sources", "formats", "config", "encoding", "data",
+          "preference_data", "modeling", "tables", "generation", "evaluate", "preference_eval", "card", "run_folder",
+          "fingerprint", "train", "saved_model", "dpo", "export", "gguf_export", "chat", "api", "serve",
           "plots", "bench", "bench_worker", "cli", "__main__"]
 MAX_LINES = 400
 

@@ -69,6 +69,7 @@ def test_parameters_cell_holds_every_knob_at_the_config_default():
     namespace: dict = {}
     exec(source(notebook["cells"][parameters_index(notebook)]), namespace)  # plain assignments only
     values = {k: v for k, v in namespace.items() if not k.startswith("__")}
+    assert values.pop("preference_dataset") is None  # the DPO section's only parameter: off unless set (or smoke)
     fields = {f.name: f for f in dataclasses.fields(Config)}
     required = {"preset", "model_name_or_path", "dataset_name", "output_dir", "train_size", "eval_size", "test_size",
                 "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -112,7 +113,7 @@ def test_the_notebook_runs_the_stages_of_train_in_their_order():
 
     code = "\n".join(source(cell) for cell in code_cells(load_notebook()))
     assert re.findall(rf"\brun\.({'|'.join(STAGES)})\(", code) == list(STAGES)
-    by_hand = re.findall(r"\b(check_output_dir|check_model_shape|set_seed|prepare_data|setup_model|build_trainer|fit|"
+    by_hand = re.findall(r"(?<![.\w])(check_output_dir|check_model_shape|set_seed|prepare_data|setup_model|build_trainer|fit|"
                          r"evaluate_base|evaluate_model|summarize|save_run|write_timings|Timings)\(", code)
     assert not by_hand, f"the notebook calls what a stage of Run does: {by_hand}"
 
@@ -212,6 +213,8 @@ def test_notebook_runs_headless_in_smoke_mode(tmp_path):
     assert "SMOKE RUN" in text and "tiny random Llama" in text
     assert "[[" in text and "</s>]]" in text  # the loss mask, with the trained EOS
     assert "overall" in text and "ROUGE-L base" in text  # the comparison table
+    assert "preference accuracy" in text  # the DPO section, on in the smoke preset with the bundled pairs
+    assert json.loads((Path(f"{run}-dpo") / "metrics.json").read_text())["train_steps"] > 0
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"eval_loss", "base_eval_loss", "rougeL", "base_eos_rate", "train_loss"} <= set(metrics)

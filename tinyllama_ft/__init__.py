@@ -13,6 +13,7 @@ Stages, in the order the notebook calls them::
     save_run(...)                                  # or simply: train(config)
     model, tokenizer = load_saved(config.output_dir)   # a run folder, a checkpoint-N or a merged export
     generate(model, tokenizer, "Name three primes.")
+    train_dpo(parse_dpo_config(adapter=config.output_dir))   # then preference tuning (DPO) of the run
 
 The names below are imported on first use (`__getattr__`), so that `import tinyllama_ft` and the
 command line's `--help` do not wait for torch.
@@ -35,6 +36,7 @@ _EXPORTS = {  # name -> the module that defines it, in the order the data flows
     "generate": "generation",
     "save_run": "run_folder",
     "load_for_inference": "saved_model", "load_saved": "saved_model",
+    "DpoConfig": "dpo", "parse_dpo_config": "dpo", "train_dpo": "dpo", "SAMPLE_PAIRS": "dpo",
     "export_merged": "export",
 }
 __all__ = sorted(_EXPORTS)

@@ -22,6 +22,8 @@ commands:
                                                   write exactly what the trainer is fed
   train     [--config F.yaml] [--preset smoke] [--name value ...]
                                                   fine-tune, evaluate and save a run folder
+  dpo       --adapter RUN [--dataset_name D] [--output_dir OUT] [--beta B] [--preset smoke] [--name value ...]
+                                                  preference-tune a finished SFT run (TRL DPOTrainer)
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N] [--system_prompt TEXT]
   chat      --adapter DIR [--max_new_tokens N] [--temperature T] [--top_p P] [--system TEXT]
                                                   talk to a run or a merged export, streamed
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train,
+    commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train, "dpo": cmd_dpo,
                 "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "bench": cmd_bench}
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
@@ -101,6 +103,17 @@ def cmd_train(args: list[str]) -> None:
     config = parse_config(args)
     try:
         train(config)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(restart_hint(config)) from None
+
+
+def cmd_dpo(args: list[str]) -> None:
+    from .run_folder import restart_hint
+    from .dpo import parse_dpo_config, train_dpo
+
+    config = parse_dpo_config(args)
+    try:
+        train_dpo(config)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(restart_hint(config)) from None
 

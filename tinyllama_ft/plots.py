@@ -278,3 +278,32 @@ def _finish(fig, save_to):
         fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return fig
+
+
+# --- DPO -----------------------------------------------------------------------------------------
+
+def plot_dpo(metrics: dict, log_history: list[dict], save_to=None):
+    """Left: the reward accuracy and margin TRL logs while training. Right: SFT (before) vs DPO (after)
+    on the held-out pairs and the SFT validation rows (`tables.DPO_COMPARED`)."""
+    from .tables import DPO_COMPARED
+
+    fig, (curve, bars) = plt.subplots(1, 2, figsize=(15, 4.5))
+    logged = [e for e in log_history if "rewards/accuracies" in e]
+    steps = [e["step"] for e in logged]
+    curve.plot(steps, [e["rewards/accuracies"] for e in logged], marker="o", color=TUNED_COLOR, label="reward accuracy")
+    curve.plot(steps, [e["rewards/margins"] for e in logged], marker="s", color=BASE_COLOR, label="reward margin")
+    curve.set_xlabel("step")
+    curve.set_title("DPO training (TRL's logged rewards, training pairs)")
+    curve.legend()
+    curve.grid(alpha=0.3)
+    keys = [(k, label) for k, label in DPO_COMPARED if k in metrics and metrics.get(f"sft_{k}") is not None]
+    y = np.arange(len(keys))
+    for offset, prefix, color, name in ((-0.2, "sft_", BASE_COLOR, "SFT (before)"), (0.2, "", TUNED_COLOR, "DPO (after)")):
+        bars.barh(y + offset, [metrics[f"{prefix}{k}"] for k, _ in keys], height=0.4, color=color, label=name)
+    bars.set_yticks(y, [label for _, label in keys])
+    bars.invert_yaxis()
+    bars.axvline(0, color="black", linewidth=0.8)
+    bars.set_title("Before vs after DPO")
+    bars.legend()
+    fig.tight_layout()
+    return _finish(fig, save_to)

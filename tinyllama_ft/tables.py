@@ -281,3 +281,21 @@ def _version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+# --- DPO: before (the SFT model) and after ---------------------------------------------------------
+
+DPO_COMPARED = [("preference_accuracy", "preference accuracy (held-out pairs)"),
+                ("reward_accuracy", "reward accuracy vs SFT reference"), ("reward_margin", "reward margin"),
+                ("chosen_logprob", "chosen log P / token"), ("rejected_logprob", "rejected log P / token"),
+                ("eval_loss", "response loss (SFT validation rows)"), ("eos_logprob", "EOS log P (SFT validation rows)"),
+                ("eos_rate", "EOS rate (SFT test generations)")]
+
+
+def format_dpo_table(metrics: dict, save_to=None) -> Rendered:
+    """SFT (before) vs DPO (after): `train_dpo`'s metrics, held-out pairs first, then what alignment cost."""
+    body = [[label, format_number(metrics.get(f"sft_{key}")), format_number(metrics.get(key))]
+            for key, label in DPO_COMPARED if key in metrics]
+    table = _table(["metric", "SFT (before)", "DPO (after)"], body)
+    _save_text(table.markdown, save_to)
+    return table
