@@ -38,3 +38,10 @@ def dolly_path() -> str:
 @pytest.fixture(scope="session")
 def dolly_rows(dolly_path):
     return [json.loads(line) for line in open(dolly_path, encoding="utf-8")]
+
+
+FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
+
+
+def pytest_report_header(config):
+    return f"fuzz seed: {FUZZ_SEED} (FUZZ_SEED={FUZZ_SEED} replays the hypothesis and schemathesis runs)"

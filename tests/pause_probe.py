@@ -5,7 +5,8 @@ interruption test signals a run known to be at that point (no race with a fast r
 
 STAGE: `step-N` (optimizer step N done, its checkpoint not yet written), `saving-checkpoint-N`
 (checkpoint N written to its staging folder, not yet renamed), `checkpoint-N` (checkpoint N
-complete), `base-evaluation`, `final-evaluation`, `final-save` (3 of the final files moved in).
+complete), `base-evaluation`, `final-evaluation`, `final-save` (3 of the final files moved in), `swap`
+(a run replacing another: the old one moved aside, the new one not yet in its place).
 At that point the probe writes MARKER and sleeps until a signal ends it. Test code only: the package
 has no pause hook."""
 
@@ -85,6 +86,8 @@ replace, moved = os.replace, []
 
 
 def pausing_replace(source, target, *args, **kwargs):
+    if stage == "swap" and Path(source).name.endswith(".replacing"):  # the old run moved aside, the new not in
+        pause()
     if Path(source).parent.name == ".tmp-final":
         if stage == "final-save" and len(moved) == 3:
             pause()

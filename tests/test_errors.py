@@ -36,10 +36,12 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--dataset_name", "{tmp}/empty_response.jsonl"], "row 3: 'response' is empty"),
     (["--dataset_name", "{tmp}/empty.jsonl"], "has no rows"),
     (["--dataset_name", "{tmp}/nowhere.jsonl"], "does not exist"),
-    (["--dataset_name", "{tmp}/rows.csv"], "not .json, .jsonl or .parquet"),
+    (["--dataset_name", "{tmp}/rows.txt"], "not .json, .jsonl, .csv or .parquet"),
+    (["--dataset_name", "{tmp}/rows.csv"], "rows.csv has no rows"),  # a header line only
+    (["--dataset_name", "{tmp}/ragged.csv"], "row 1 (line 3) has more cells than the header"),
     (["--dataset_name", "{tmp}/broken.jsonl"], "invalid JSON on line 3"),
     (["--lora_rank", "8"], "lora_rank"),
-    (["--lora_r", "eight"], "invalid int value: 'eight'"),
+    (["--lora_r", "eight"], "--lora_r eight: must be a whole number: pass --lora_r 16"),
     (["--lora_r", "0"], "lora_r must be > 0"),
     (["--learning_rate", "0"], "learning_rate must be > 0"),
     (["--max_length", "20"], "fits in max_length 20"),
@@ -69,7 +71,7 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--max_length", "4096"], "max_length 4096 is beyond the model's 1024 positions"),
     (["--eval_size", "0", "--eval_steps", "3"], "eval_steps is set but eval_size is 0"),
     (["--test_size", "0"], "num_generate (8) is larger than test_size (0)"),
-    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--precision", "fp8"], "--precision fp8: must be one of auto, bf16, fp16, fp32"),
     (["--lr_scheduler_type", "bogus"], "bogus is not a valid SchedulerType"),
     (["--lora_target_modules"], "expected at least one argument"),
     (["--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"], "contradict each other"),
@@ -82,6 +84,12 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     (["--output_dir", "{tmp}/no_tokenizer"], "holds a model (config.json and model weights), not a run"),
     (["--resume_from_checkpoint", "{tmp}"], "is not a checkpoint (no trainer_state.json)"),
     (["--resume_from_checkpoint", "{tmp}/nowhere"], "does not exist: pass a checkpoint-N folder"),
+    # --- third round: layers LoRA cannot adapt, folders of the user's own files ---
+    (["--lora_target_modules", "input_layernorm"], "input_layernorm is a LlamaRMSNorm, which LoRA cannot adapt"),
+    (["--lora_target_modules", "embed_tokens", "norm"], "norm is a LlamaRMSNorm, which LoRA cannot adapt"),
+    (["--output_dir", "{tmp}/users_folder"], "holds files this project did not write (notes.txt, photo.png)"),
+    (["--output_dir", "{tmp}/users_readme"], "holds files this project did not write (README.md)"),
+    (["--overwrite_output_dir", "true", "--output_dir", "{tmp}/users_readme"], "holds files this project did not"),
 ]
 
 
@@ -91,6 +99,8 @@ def tmp(tmp_path_factory):
     for name, rows in DATASETS.items():
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "rows.csv").write_text("instruction,context,response\n")
+    (folder / "rows.txt").write_text("instruction,context,response\n")
+    (folder / "ragged.csv").write_text("instruction,context,response\na,,b\nc,,d,e\n")
     (folder / "broken.yaml").write_text("lora_r: 8\n  bad: [\n")
     (folder / "list.yaml").write_text("- lora_r: 8\n")
     (folder / "a_file.txt").write_text("not a folder\n")
@@ -100,6 +110,12 @@ def tmp(tmp_path_factory):
     (folder / "latin1.jsonl").write_bytes("".join(json.dumps(dict(GOOD, response="Caf\u00e9."), ensure_ascii=False)
                                                   + "\n" for _ in range(50)).encode("latin-1"))
     (folder / "run").mkdir()
+    (folder / "users_folder").mkdir()
+    (folder / "users_folder" / "notes.txt").write_text("mine\n")
+    (folder / "users_folder" / "photo.png").write_bytes(b"\x89PNG")
+    (folder / "users_readme").mkdir()
+    (folder / "users_readme" / "README.md").write_text("# My project\n")
+    damaged_folders(folder)
     (folder / "broken.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{'single': quotes}\n")
     (folder / "special.jsonl").write_text("".join(json.dumps(dict(GOOD, response="Done.</s>")) + "\n"
                                                   for _ in range(50)))
@@ -156,9 +172,58 @@ OTHER_CASES = [
     (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/empty_folder", "--n", "3"],
      lambda tmp: load_rows(f"{tmp}/empty_folder"), "is a folder without"),
 ]
+DAMAGED = [  # (folder, the words of the one line): saved folders cut short, edited, or from another tool
+    ("bad_adapter_json", "adapter_config.json is damaged (JSONDecodeError"),
+    ("bad_run_config", "bad_run_config/run_config.json is "),  # "unreadable" (its system prompt) or "damaged"
+    ("truncated_weights", "adapter_model.safetensors is damaged (truncated: "),
+    ("empty_weights", "adapter_model.safetensors is damaged (0 bytes, not a safetensors file)"),
+    ("bad_header", "adapter_model.safetensors is damaged (its header is not JSON)"),
+    ("bad_model_config", "config.json is damaged"),
+    ("other_tool", "is neither a run folder (adapter_config.json) nor a merged export"),
+]
+for name, words in DAMAGED:
+    OTHER_CASES += [(["generate", "--adapter", f"{{tmp}}/{name}", "--instruction", "Hi."],
+                     lambda tmp, name=name: load_saved(f"{tmp}/{name}"), words),
+                    (["export", "--adapter", f"{{tmp}}/{name}", "--out", f"{{tmp}}/{name}-merged"],
+                     lambda tmp, name=name: export_merged(f"{tmp}/{name}", f"{tmp}/{name}-merged"), words)]
+
+
+def damaged_folders(folder):
+    import torch
+    from safetensors.torch import save_file
+
+    def adapter(name, config="{}", run_config=None):
+        (folder / name).mkdir()
+        (folder / name / "adapter_config.json").write_text(config)
+        save_file({"w": torch.zeros(64)}, str(folder / name / "adapter_model.safetensors"))
+        if run_config is not None:
+            (folder / name / "run_config.json").write_text(run_config)
+        return folder / name / "adapter_model.safetensors"
+
+    adapter("bad_adapter_json", config='{"r": 16,')
+    adapter("bad_run_config", run_config="{'system_prompt': ")
+    weights = adapter("truncated_weights")
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    adapter("empty_weights").write_bytes(b"")
+    adapter("bad_header").write_bytes((20).to_bytes(8, "little") + b"not json at all....." + b"\0" * 64)
+    (folder / "bad_model_config").mkdir()
+    (folder / "bad_model_config" / "config.json").write_text("{")
+    save_file({"w": torch.zeros(4)}, str(folder / "bad_model_config" / "model.safetensors"))
+    (folder / "other_tool").mkdir()  # e.g. an old PyTorch checkpoint
+    (folder / "other_tool" / "pytorch_model.bin").write_bytes(b"PK")
+    (folder / "other_tool" / "config.json").write_text("{}")
+
+
 PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
     (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/broken.jsonl", "--n", "0"],
      "--n must be > 0"),
+    (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/special.jsonl", "--out",
+      "{tmp}/empty_folder"], "is a folder: pass a file path"),
+    (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/special.jsonl", "--out",
+      "{tmp}/a_file.txt/rows.jsonl"], "a_file.txt is a file, not a folder"),
+    (["serve", "--adapter", "{tmp}/truncated_weights", "--port", "0"], "--port must be between 1 and 65535"),
+    (["chat", "--adapter", "{tmp}/truncated_weights", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+    (["chat", "--adapter", "{tmp}/truncated_weights", "--top_p", "0"], "0 < --top_p <= 1"),
 ]
 
 
@@ -221,3 +286,29 @@ def test_hub_token_is_never_printed_or_saved(monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
     assert main(["config", "--hub_token", "hf_secret_value"]) == 0
     assert "hf_secret_value" not in capsys.readouterr().out
+
+
+def test_what_a_user_expects_is_read_csv_capital_jsonl_and_all_linear(tmp_path):
+    """The debatable cases, decided as a user would expect: a CSV file with a header line is read (every
+    value text), `.JSONL` is `.jsonl`, and `all-linear` is PEFT's every-Linear-layer-but-the-head."""
+    from tinyllama_ft.modeling import check_model_shape, wrap_lora
+
+    (tmp_path / "rows.csv").write_text("instruction,context,response\r\nName a fruit.,,\"An apple, red.\"\r\n",
+                                       encoding="utf-8")
+    assert load_rows(str(tmp_path / "rows.csv")) == [{"instruction": "Name a fruit.", "context": "",
+                                                       "response": "An apple, red."}]
+    (tmp_path / "ROWS.JSONL").write_text(json.dumps(GOOD) + "\n")
+    assert load_rows(str(tmp_path / "ROWS.JSONL")) == [GOOD]
+    config = parse_config(["--preset", "smoke", "--lora_target_modules", "all-linear", "--lora_r", "4"])
+    check_model_shape(config)
+    model = wrap_lora(build_tiny_model(), 4, 8, 0.0, config.lora_target_modules)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # no lm_head
+
+
+def test_preview_out_creates_its_parents_and_leaves_no_temporary_file(tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "preview.jsonl"
+    assert main(["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name",
+                 str(ROOT / "tinyllama_ft" / "samples" / "sample.jsonl"), "--n", "2", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2 and oct(out.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["preview.jsonl"]

@@ -6,6 +6,7 @@ Each interrupted run is stopped at a known point: `pause_probe.py` runs the real
 waits at that point for the signal, so no test races a fast run."""
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from tinyllama_ft import parse_config
-from tinyllama_ft.run_folder import check_output_dir, resume_path
+from tinyllama_ft.run_folder import check_output_dir, resume_path, training_folder
+from tinyllama_ft.saved_model import check_saved_folder
 from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
 
@@ -31,11 +33,11 @@ def train(out, *extra):
     return result.stderr
 
 
-def stop_at(stage, signum, out, tmp_path):
+def stop_at(stage, signum, out, tmp_path, *extra, finished_before=False):
     """Start the run, wait until it is paused at `stage`, send `signum`; return its stderr."""
     marker = tmp_path / "paused"
     cmd = [sys.executable, str(ROOT / "tests" / "pause_probe.py"), stage, str(marker), "train", *RUN,
-           "--output_dir", str(out)]
+           "--output_dir", str(out), *extra]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -49,7 +51,7 @@ def stop_at(stage, signum, out, tmp_path):
         if process.poll() is None:  # never leave a paused run behind
             process.kill()
             process.wait()
-    assert process.returncode != 0 and not (out / "metrics.json").exists()
+    assert process.returncode != 0 and (finished_before or not (out / "metrics.json").exists())
     return err
 
 
@@ -131,12 +133,75 @@ def test_a_folder_with_nothing_to_lose_is_used_as_it_is(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["categories.png", "lengths.png", "loss_mask.png"]
 
 
-def test_overwrite_removes_the_old_runs_checkpoints_first(tmp_path):
+def test_overwrite_deletes_nothing_before_the_new_run_is_complete(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
     (tmp_path / "metrics.json").write_text("{}")
-    check_output_dir(parse_config(RUN + ["--output_dir", str(tmp_path), "--overwrite_output_dir", "true"]))
-    assert not (tmp_path / "checkpoint-3").exists() and not (tmp_path / "metrics.json").exists()
+    config = parse_config(RUN + ["--output_dir", str(tmp_path), "--overwrite_output_dir", "true"])
+    check_output_dir(config)
+    assert (tmp_path / "checkpoint-3").exists() and (tmp_path / "metrics.json").exists()
+    assert training_folder(config) == tmp_path.with_name(f".{tmp_path.name}.replacing")
+
+
+def test_a_swap_stopped_between_its_renames_is_completed_by_the_next_command(tmp_path):
+    out = tmp_path / "run"
+    new, old = tmp_path / ".run.replacing", tmp_path / ".run.replaced"
+    for folder, tag in ((new, "new"), (old, "old")):
+        folder.mkdir()
+        (folder / "metrics.json").write_text(tag)
+    (new / "adapter_model.safetensors").write_text("")
+    check_output_dir(parse_config(RUN + ["--output_dir", str(out), "--overwrite_output_dir", "true"]))
+    assert (out / "metrics.json").read_text() == "new" and not new.exists() and not old.exists()
+    (new).mkdir()  # the new one incomplete: the old one goes back
+    old.mkdir()
+    (old / "metrics.json").write_text("old")
+    shutil.rmtree(out)
+    check_saved_folder_or_none(out)
+    assert (out / "metrics.json").read_text() == "old" and not old.exists()
+
+
+def check_saved_folder_or_none(path):
+    try:
+        check_saved_folder(path)
+    except UserError:
+        pass
+
+
+def run_files(out):
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run, and the same command with another seed: the run that replaces it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(out)
+    return out, run_files(out)
+
+
+# The worst moments to stop a run that replaces a finished one: while it saves (its training is all written,
+# the old run still in place), and between the two renames that swap it in. SIGKILL: nothing of ours runs after it.
+REPLACE_STOPS = ["final-save", "swap"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", REPLACE_STOPS)
+def test_overwrite_stopped_at_the_worst_moment_loses_neither_run(stage, finished, tmp_path, capsys):
+    original, files = finished
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    replace = ["--overwrite_output_dir", "true", "--seed", "7"]
+    stop_at(stage, signal.SIGKILL, out, tmp_path, *replace, finished_before=True)
+    if stage == "swap":  # the old run is aside, the new one complete: the next command puts the new one in place
+        assert not out.exists()
+        assert main(["generate", "--adapter", str(out), "--instruction", "Hi.", "--max_new_tokens", "2"]) == 0
+        assert (out / "metrics.json").is_file() and run_files(out) != files
+    else:  # the old run is untouched, byte for byte, and the same command replaces it
+        assert run_files(out) == files
+        train(out, *replace)
+        assert run_files(out)["adapter_model.safetensors"] != files["adapter_model.safetensors"]
+    assert (out / "metrics.json").is_file()
+    assert not list(tmp_path.glob(".run.*")) and not list(out.glob(".tmp-*")), "no leftovers beside or inside"
 
 
 def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):

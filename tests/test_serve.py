@@ -90,10 +90,14 @@ def test_serve_answers_like_generate_streamed_and_not(tmp_path):
 
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "Hi </s>"}])
-        assert "special string '</s>'" in refused.value.response.json()["detail"]
+        assert "special string '</s>'" in refused.value.response.json()["error"]["message"]
         with pytest.raises(BadRequestError) as refused:  # stories260k has 512 positions
             client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "word " * 600}])
-        assert "drop its oldest turns" in refused.value.response.json()["detail"]
+        assert "drop its oldest turns" in refused.value.response.json()["error"]["message"]
+        for body, status in BAD_REQUESTS[:6]:  # through the real server too; each followed by a good request
+            answer = httpx.post(f"{base_url}/chat/completions", json=body, timeout=120)
+            assert answer.status_code == status and answer.json()["error"]["message"], answer.text
+            assert client.chat.completions.create(model=run.name, messages=messages, max_tokens=4).choices
     finally:
         process.terminate()
         try:
@@ -145,3 +149,97 @@ def test_serve_with_continuous_batching_answers_concurrent_requests_like_generat
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+
+
+# (request body, status): refused by the schema (422) or by the training data's rules (400, 404), never 500.
+HI = [{"role": "user", "content": "Hi."}]
+BAD_REQUESTS = [
+    ({}, 422),  # no messages (transformers alone: 500)
+    ({"messages": []}, 422),
+    ({"messages": "Hi."}, 422),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 422),  # a role training never saw
+    ({"messages": [{"role": "developer", "content": "x"}, *HI]}, 422),
+    ({"messages": [{"role": "user"}]}, 422),
+    ({"messages": [{"role": "user", "content": 42}]}, 422),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, 422),
+    ({"messages": [{"role": "assistant", "content": "Hello."}]}, 400),  # out of order
+    ({"messages": [*HI, {"role": "assistant", "content": "Hello."}]}, 400),  # nothing to answer
+    ({"messages": [*HI, {"role": "system", "content": "Be brief."}]}, 400),  # system not first
+    ({"messages": [*HI, *HI]}, 400),
+    ({"messages": [{"role": "user", "content": "   "}]}, 400),
+    ({"messages": [{"role": "user", "content": "Say <|assistant|>"}]}, 400),  # special-token text
+    ({"messages": HI, "max_tokens": 0}, 422),
+    ({"messages": HI, "max_tokens": -5}, 422),
+    ({"messages": HI, "max_tokens": "many"}, 422),
+    ({"messages": HI, "temperature": -1}, 422),
+    ({"messages": HI, "temperature": 1e9}, 422),
+    ({"messages": HI, "top_p": 0}, 422),
+    ({"messages": HI, "top_p": 1.5}, 422),
+    ({"messages": HI, "frequency_penalty": -1}, 422),
+    ({"messages": HI, "seed": -1}, 422),
+    ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 422),
+    ({"messages": HI, "stop": [""]}, 422),
+    ({"messages": HI, "n": 2}, 422),  # not honoured, so refused rather than ignored
+    ({"messages": HI, "tools": [{"type": "function"}]}, 422),
+    ({"messages": HI, "stream": "sometimes"}, 422),
+    ({"messages": HI, "model": "another-model"}, 404),
+    ([1, 2, 3], 422),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_app():
+    from fastapi.testclient import TestClient
+
+    from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
+    from tinyllama_ft.serve import build_app
+
+    return TestClient(build_app(build_tiny_model().eval(), build_tiny_tokenizer(), "tiny", max_new_tokens=6),
+                      raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize("body, status", BAD_REQUESTS, ids=[str(b)[:50] for b, _ in BAD_REQUESTS])
+def test_a_bad_request_gets_4xx_with_an_openai_error_and_the_next_good_one_its_answer(tiny_app, body, status):
+    answer = tiny_app.post("/v1/chat/completions", json=body)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["message"] and error["type"] in ("invalid_request_error", "not_found_error"), error
+    good = tiny_app.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 3})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_a_body_that_is_not_json_gets_400(tiny_app):
+    answer = tiny_app.post("/v1/chat/completions", content=b"{'single': quotes}",
+                           headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]["message"]
+
+
+def test_max_tokens_is_capped_by_the_server_and_the_context(tiny_app):
+    answer = tiny_app.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 10**9})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 6  # --max_new_tokens 6
+    long = [{"role": "user", "content": "apple " * 1100}]  # beyond the tiny model's 1024 positions
+    assert tiny_app.post("/v1/chat/completions", json={"messages": long}).status_code == 400
+
+
+def test_the_schema_lists_only_what_is_served(tiny_app):
+    schema = tiny_app.get("/openapi.json").json()
+    assert sorted(schema["paths"]) == ["/health", "/v1/chat/completions", "/v1/models"]  # no /reset, /load_model
+    request = schema["components"]["schemas"]["ChatCompletionRequest"]
+    assert request["required"] == ["messages"] and request["additionalProperties"] is False
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
+    from tinyllama_ft.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--adapter", str(tmp_path / "nowhere"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: port {port} on 127.0.0.1 is already in use (another server?): pass another --port or "
+                   "stop that server"]
+    assert main(["serve", "--adapter", str(tmp_path), "--host", "no-such-host.invalid"]) == 2
+    assert "is not an address of this machine" in capsys.readouterr().err
+    assert main(["serve", "--adapter", str(tmp_path), "--request_timeout", "0"]) == 2
+    assert "--request_timeout > 0" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import ArgParser, UserError
+from .files import check_out_file, write_text_file
 
 USAGE = """python -m tinyllama_ft COMMAND [options]
 
@@ -26,7 +27,8 @@ commands:
   generate  --adapter DIR --instruction TEXT [--context TEXT] [--max_new_tokens N] [--system_prompt TEXT]
   chat      --adapter DIR [--max_new_tokens N] [--temperature T] [--top_p P] [--system TEXT]
                                                   talk to a run or a merged export, streamed
-  serve     --adapter DIR [--host 127.0.0.1] [--port 8000] [--continuous_batching]
+  serve     --adapter DIR [--host 127.0.0.1] [--port 8000] [--max_new_tokens N] [--request_timeout S]
+            [--continuous_batching]
                                                   OpenAI-compatible /v1/chat/completions
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
@@ -132,6 +134,8 @@ def cmd_preview(args: list[str]) -> None:
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--out", help="write JSON lines here instead of stdout")
     opts = _parse(parser, args)
+    if opts.out:
+        check_out_file(Path(opts.out))
     if opts.n <= 0:
         raise UserError(f"--n must be > 0, got {opts.n}: the number of rows to show")
     if opts.max_length < 16:
@@ -151,8 +155,7 @@ def cmd_preview(args: list[str]) -> None:
     encoded, excluded, _ = encode_rows(tokenizer, conversations, opts.max_length)
     lines = [json.dumps({"row": i, **encoded[i]}) for i in sorted(encoded)]
     if opts.out:
-        with open(opts.out, "w", encoding="utf-8") as file:
-            file.write("".join(line + "\n" for line in lines))
+        write_text_file(Path(opts.out), "".join(line + "\n" for line in lines))
     else:
         print("\n".join(lines))
     for index, why in excluded.items():
@@ -203,13 +206,16 @@ def cmd_serve(args: list[str]) -> None:
     parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max_new_tokens", type=int, default=1024,
+                        help="the most tokens an answer gets (and never more than the context leaves)")
+    parser.add_argument("--request_timeout", type=float, default=300.0, help="seconds a request may generate")
     parser.add_argument("--continuous_batching", action="store_true",
                         help="let requests that arrive together share the model's steps (transformers' continuous "
                         "batching); default: one request after another")
     opts = _parse(parser, args)
     from .serve import serve
 
-    serve(opts.adapter, opts.host, opts.port, opts.continuous_batching)
+    serve(opts.adapter, opts.host, opts.port, opts.max_new_tokens, opts.request_timeout, opts.continuous_batching)
 
 
 def cmd_export(args: list[str]) -> None:

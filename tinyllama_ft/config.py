@@ -3,7 +3,8 @@
 Its defaults reproduce the seed run (5,000 Dolly rows, LoRA r=16 on q/k/v/o, batch 2 x 8, lr 2e-4,
 one epoch, cosine with 3% warm-up). A preset (``smoke``) is a set of overrides, never other code.
 The same field names work in the notebook, on the command line (``--name value``) and in YAML
-(``--config F.yaml``), parsed by TRL's own `TrlParser`.
+(``--config F.yaml``), and as ``TINYLLAMA_FT_*`` variables; every value is checked by the rules declared
+beside its field (`validation`).
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from trl import SFTConfig, TrlParser
+from trl import SFTConfig
 
+from .config_sources import close_match, config_path, parse_flags, read_yaml, where_unknown
 from .errors import UserError
 from .memory import checkpointing_value
+from .validation import refuse, sources, validate
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 RESUME_NEWEST = ("true", "yes", "1")  # --resume_from_checkpoint values that mean "the newest checkpoint"
@@ -80,12 +83,13 @@ class Config(SFTConfig):
                   "compute in `precision`), for 6-8 GB cards. CUDA only."},
     )
     # --- LoRA ---
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "check": "> 0"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r).", "check": "> 0"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", "check": "[0, 1)"})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "Module names that get LoRA adapters."},
+        metadata={"help": "Module names that get LoRA adapters (Linear layers: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                  "down_proj), or all-linear for every Linear layer but the LM head.", "check": "nonempty"},
     )
     # --- data ---
     dataset_name: str = field(
@@ -117,11 +121,16 @@ class Config(SFTConfig):
         metadata={"help": "System message put first in every conversation that has none, identically at training, "
                   "evaluation, generate and chat; saved in run_config.json. Default: none."},
     )
-    train_size: int = field(default=5000, metadata={"help": "Training rows, drawn after the held-out splits."})
-    eval_size: int = field(default=500, metadata={"help": "Validation rows (loss and perplexity), held out first."})
-    test_size: int = field(default=500, metadata={"help": "Test rows (generation metrics), held out first."})
-    num_generate: int = field(default=200, metadata={"help": "Test rows to generate from for ROUGE/BLEU/EOS rate."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per response."})
+    train_size: int = field(default=5000, metadata={"help": "Training rows, drawn after the held-out splits.",
+                                                      "check": "> 0"})
+    eval_size: int = field(default=500, metadata={"help": "Validation rows (loss and perplexity), held out first.",
+                                                     "check": ">= 0"})
+    test_size: int = field(default=500, metadata={"help": "Test rows (generation metrics), held out first.",
+                                                     "check": ">= 0"})
+    num_generate: int = field(default=200, metadata={"help": "Test rows to generate from for ROUGE/BLEU/EOS rate.",
+                                                         "check": ">= 0"})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per response.",
+                                                           "check": "> 0"})
     harness_tasks: list[str] = field(
         default_factory=list,
         metadata={"help": "Notebook only: lm-eval tasks of its section 'What did it forget?' (base vs fine-tuned "
@@ -140,13 +149,19 @@ class Config(SFTConfig):
     )
     # --- training, seed values where they differ from SFTConfig's defaults ---
     output_dir: str = field(default="runs/tinyllama-dolly", metadata={"help": "Where the run is written."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training rows."})
-    per_device_train_batch_size: int = field(default=2, metadata={"help": "Rows per device per micro-batch."})
-    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Rows per device per eval batch."})
-    gradient_accumulation_steps: int = field(default=8, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW).",
+                                                                "check": "> 0"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training rows.",
+                                                                   "check": ">= 0"})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Rows per device per micro-batch.",
+                                                                               "check": "> 0"})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Rows per device per eval batch.",
+                                                                              "check": "> 0"})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "Micro-batches per optimizer step.",
+                                                                               "check": "> 0"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up: steps, or a fraction (<1) of all steps."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up: steps, or a fraction (<1) of all steps.",
+                                                                    "check": ">= 0"})
     padding_free: bool = field(
         default=True,
         metadata={"help": "Concatenate each micro-batch's rows into one sequence with restarting position ids "
@@ -169,73 +184,90 @@ class Config(SFTConfig):
                   "device's free memory, else on (tinyllama_ft/memory.py; the run records what it chose). true: the "
                   "seed's.", "nargs": "?", "const": "true"},
     )
-    logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
+    logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps.",
+                                                                     "check": "> 0"})
     save_steps: float = field(
         default=0.1,
         metadata={"help": "Write a checkpoint every N steps, or every fraction (<1) of all steps: 0.1, a tenth, so an "
                   "interruption loses at most a tenth of the run (the real run: every 32 of its 313 steps; the seed "
                   "wrote one every 500, i.e. never: --save_steps 500 restores that). One checkpoint of the real run "
-                  "is about 58 MB: LoRA weights 18.0 MB and AdamW's two moments 36.2 MB (fp32), tokenizer 3.6 MB."},
+                  "is about 58 MB: LoRA weights 18.0 MB and AdamW's two moments 36.2 MB (fp32), tokenizer 3.6 MB.",
+                  "check": "> 0"},
     )
     save_total_limit: int | None = field(
         default=2,
         metadata={"help": "Keep only the newest N checkpoints: about 116 MB for the real run (a third one for a moment "
-                  "while the newest is written). 0 or none keeps them all."},
+                  "while the newest is written). 0 or none keeps them all.", "check": ">= 0"},
     )
     eval_strategy: str = field(default="steps", metadata={"help": "When to compute the validation loss."})
-    eval_steps: float | None = field(default=100, metadata={"help": "Validation loss every N steps."})
+    eval_steps: float | None = field(default=100, metadata={"help": "Validation loss every N steps.",
+                                                                        "check": "> 0"})
     max_length: int | None = field(
-        default=1024, metadata={"help": "Longest formatted row in tokens; longer rows are dropped and counted."}
+        default=1024, metadata={"help": "Longest formatted row in tokens; longer rows are dropped and counted.",
+                                "check": ">= 16"}
     )
-    seed: int = field(default=42, metadata={"help": "Seed for the split, LoRA init and data order."})
+    seed: int = field(default=42, metadata={"help": "Seed for the split, LoRA init and data order.",
+                                                         "check": "[0, 4294967295]"})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a finished run in output_dir instead of refusing to."})
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count real (non-padding) tokens for tokens/second."})
 
     def __post_init__(self):
+        validate(self)  # every field's declared type and range, whatever source it came from
         self._check_values()
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.use_cpu = True  # torchrun/accelerate on a CPU-only machine: one data-parallel run over gloo
-        self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
-        self.precision = resolve_precision(self.precision)
+        self.precision = resolve_precision(self._precision_asked())
         self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
         # `gradient_checkpointing` is the name the seed and TRL users know; transformers 5 calls it
         # `activation_checkpointing` and reads the old name only when the new one is unset.
         self.gradient_checkpointing = checkpointing_value(self.gradient_checkpointing)
         if self.activation_checkpointing is None:  # "auto" stays until build_trainer has measured (memory.py)
             self.activation_checkpointing = self.gradient_checkpointing
-        super().__post_init__()
+        try:
+            with warnings.catch_warnings():  # transformers' renames of its own fields are not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                super().__post_init__()
+        except UserError:
+            raise
+        except (ValueError, TypeError, OverflowError, ImportError, NotImplementedError, RuntimeError, KeyError,
+                AttributeError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"transformers/TRL refuse this configuration ({first}): change the setting it "
+                            "names (see `python -m tinyllama_ft config --help`)") from None
+
+    def _precision_asked(self) -> str:
+        """`--fp16 true` / `--bf16 true` (transformers' names) mean `precision` fp16 / bf16, never dropped."""
+        asked = [name for name in ("bf16", "fp16") if getattr(self, name)]
+        if len(asked) == 2:
+            raise refuse("fp16", True, "fp16 and bf16 are both true: keep one, or use --precision bf16 or fp16")
+        if asked and self.precision not in ("auto", asked[0]):
+            raise refuse(asked[0], True, f"contradicts precision={self.precision}: drop --{asked[0]} and keep "
+                         f"--precision {self.precision}, or use --precision {asked[0]}")
+        if asked == ["fp16"] and not torch.cuda.is_available():  # bf16 runs on the CPU too, as --precision bf16
+            raise refuse("fp16", True, "fp16 needs a CUDA GPU and none is visible (on CPU: fp32, or bf16): "
+                         "drop --fp16")
+        return asked[0] if asked else self.precision
 
     def _check_values(self):
-        from .formats import FORMATS, parse_columns
+        """Consistency between fields (each field alone is checked by `validate`)."""
+        from .formats import parse_columns
 
-        if self.dataset_format not in ("auto", *FORMATS):
-            raise UserError(f"dataset_format must be auto, {', '.join(FORMATS)}, got {self.dataset_format!r}")
         self.columns = parse_columns(self.columns) or None
         self.system_prompt = (self.system_prompt or "").strip() or None
         self.dataset_split = self.dataset_split or "train"
-        positive = ["lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size",
-                    "per_device_eval_batch_size", "gradient_accumulation_steps", "train_size", "max_new_tokens",
-                    "logging_steps", "save_steps"] + (["eval_steps"] if self.eval_steps is not None else [])
-        for name in positive:
-            if getattr(self, name) is None or getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ["eval_size", "test_size", "num_generate"]:
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.max_length is None or self.max_length < 16:
-            raise UserError(f"max_length must be an integer >= 16, got {self.max_length!r}")
+        if self.max_length is None:
+            raise refuse("max_length", None, "max_length must be an integer >= 16", 1024)
         if self.load_in_4bit:
             _require_cuda_and("load_in_4bit", "bitsandbytes", "bitsandbytes")
         if self.use_liger_kernel:  # Triton kernels for RMSNorm, RoPE, SwiGLU (TRL keeps its own fused LM head)
             _require_cuda_and("use_liger_kernel", "liger_kernel", "liger-kernel")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise UserError(f"max_steps must be > 0, or -1 to train num_train_epochs, got {self.max_steps}")
+            raise refuse("max_steps", self.max_steps, "max_steps must be > 0, or -1 to train num_train_epochs", 100)
         if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise UserError(f"num_train_epochs must be > 0, got {self.num_train_epochs} (or set max_steps)")
+            raise refuse("num_train_epochs", self.num_train_epochs,
+                         f"num_train_epochs must be > 0, got {self.num_train_epochs} (or set max_steps)", 1)
         if self.lora_alpha > 64 * self.lora_r:
             raise UserError(f"lora_alpha {self.lora_alpha} is over 64 x lora_r {self.lora_r}: the adapter's scale "
                             "alpha / r would blow up the update; the usual lora_alpha is r or 2 r")
@@ -245,6 +277,8 @@ class Config(SFTConfig):
         if self.num_generate > self.test_size:
             raise UserError(f"num_generate ({self.num_generate}) is larger than test_size ({self.test_size}): "
                             "lower num_generate or raise test_size")
+        if not self.output_dir.strip() or "\x00" in self.output_dir:
+            raise refuse("output_dir", self.output_dir, "is not a folder name", "runs/my-run")
 
     def to_json(self) -> str:
         """The resolved configuration as JSON (no secrets: hub tokens are never part of it)."""
@@ -288,88 +322,52 @@ def parse_config(args: list[str] | None = None, **overrides) -> Config:
     """Resolve a configuration: defaults < preset < YAML (`--config F.yaml`) < flags < keyword overrides.
 
     `parse_config(["--preset", "smoke"])` from the command line; `parse_config(preset="smoke",
-    max_steps=2)` from Python.
-    """
+    max_steps=2)` from Python. Every value, whatever its source, is converted and checked by the same
+    declared rules (`validation.validate`), and an error names the source as the user wrote it."""
     args = list(args or [])
-    _read_yaml(_config_path(args))  # syntax and shape, in one line, before the parser reads it
-    parser = _Parser(Config)
-    preset = overrides.get("preset") or _preset_from(args)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-        parser.set_defaults_with_config(**PRESETS[preset], preset=preset)
-    flags = args + [item for key, value in overrides.items() for item in _as_flag(key, value)]
-    try:
-        (config,) = parser.parse_args_and_config(flags)
-    except UserError:
-        raise
-    except yaml.YAMLError as error:
-        raise UserError(f"--config {_config_path(args)} is not valid YAML ({_yaml_problem(error)}): fix the file") from None
-    except OSError as error:
-        raise UserError(f"--config {_config_path(args)}: {error.strerror or error}: pass a YAML file") from None
-    except ValueError as error:
-        raise UserError(f"bad configuration: {str(error).splitlines()[0]}") from None
-    _check_explicit(config, flags, args)
+    path = config_path(args)
+    if path is not None:
+        args = args[: args.index("--config")] + args[args.index("--config") + 2:]
+        if not Path(path).is_file():
+            problem = "is a folder" if Path(path).is_dir() else "No such file or directory"
+            raise UserError(f"--config {path}: {problem}: pass a YAML file")
+    from_file = read_yaml(path)
+    env = from_file.pop("env", None) or {}  # TRL's `env:` section: variables set before the run
+    if not isinstance(env, dict):
+        raise UserError(f"--config {path}: `env:` must be a mapping of variable names to values, not a "
+                        f"{type(env).__name__}: write one `NAME: value` a line under it")
+    os.environ.update({str(key): str(value) for key, value in env.items()})
+    return build_config([(f"file {path}", from_file), ("flag", parse_flags(Config, args)), ("keyword", overrides)])
+
+
+def build_config(layers: list[tuple[str, dict]]) -> Config:
+    """`Config` from (source, values) layers, lowest first, over the defaults and the preset named by the
+    highest layer that names one; every value is checked with its source known."""
+    preset = next((values["preset"] for _, values in reversed(layers) if values.get("preset")), None)
+    if preset is not None and preset not in PRESETS:
+        source = next(s for s, values in reversed(layers) if values.get("preset"))
+        with sources({"preset": source}):
+            raise refuse("preset", preset, f"is not a preset (presets: {', '.join(PRESETS)})", "smoke")
+    merged, origin = dict(PRESETS.get(preset, {})), {k: f"preset {preset}" for k in PRESETS.get(preset, {})}
+    names = {f.name for f in dataclasses.fields(Config) if f.init}
+    for source, values in layers:
+        for key in values:
+            if key not in names:
+                raise UserError(f"unknown configuration field {where_unknown(key, source)}{close_match(key, names)}: "
+                                "see `python -m tinyllama_ft config --help`")
+        merged |= values
+        origin |= {key: source for key in values}
+    with sources(origin):
+        config = Config(**merged)
+        _check_explicit(config, {k for k, s in origin.items() if not s.startswith("preset ")})
     return config
 
 
-def _config_path(args: list[str]) -> str | None:
-    return args[args.index("--config") + 1] if "--config" in args[:-1] else None
-
-
-def _yaml_problem(error) -> str:
-    mark = getattr(error, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + str(getattr(error, "problem", None) or error).splitlines()[0]
-
-
-def _check_explicit(config: Config, flags: list[str], args: list[str]) -> None:
+def _check_explicit(config: Config, given: set[str]) -> None:
     """Values the user set that contradict others (a default that does not apply is no contradiction)."""
-    given = {f.split("=", 1)[0][2:] for f in flags if f.startswith("--")}
-    given |= set(_read_yaml(_config_path(args)))
     if "eval_steps" in given and config.eval_size == 0:
         raise UserError("eval_steps is set but eval_size is 0, so there is nothing to validate on: raise "
                         "--eval_size or drop --eval_steps")
-
-
-class _Parser(TrlParser):
-    def error(self, message):  # argparse prints usage and exits; one clear line instead
-        raise UserError(f"{message}; see `python -m tinyllama_ft config --help`")
-
-
-def _preset_from(args: list[str]) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == "--preset" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--preset="):
-            return arg.split("=", 1)[1]
-    return _read_yaml(_config_path(args)).get("preset")
-
-
-def _read_yaml(path: str | None) -> dict:
-    """The `--config` file's mapping; {} when there is none (a missing file is reported by the parser)."""
-    if not path or not Path(path).is_file():
-        return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
-    except yaml.YAMLError as error:
-        raise UserError(f"--config {path} is not valid YAML ({_yaml_problem(error)}): fix the file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--config {path} is not UTF-8 text: pass a YAML file") from None
-    if not isinstance(data, dict):
-        raise UserError(f"--config {path} holds a YAML {type(data).__name__}, not a mapping of field names to "
-                        "values: write one `name: value` a line")
-    return data
-
-
-def _as_flag(key: str, value) -> list[str]:
-    if key not in {f.name for f in dataclasses.fields(Config)}:
-        raise UserError(f"unknown configuration field {key!r}: see `python -m tinyllama_ft config --help`")
-    if isinstance(value, (list, tuple)):
-        return [f"--{key}", *map(str, value)]
-    if isinstance(value, dict):
-        return [f"--{key}", json.dumps(value)]
-    return [f"--{key}", str(value)]
 
 
 ENV_PREFIX = "TINYLLAMA_FT_"
@@ -381,20 +379,20 @@ def notebook_config(namespace: dict, environ: dict | None = None) -> Config:
     Precedence, lowest first: the defaults < the preset < values in `namespace` (the parameters cell,
     or papermill's `-p`) that differ from the defaults < `TINYLLAMA_FT_<FIELD>` environment variables
     (`TINYLLAMA_FT_PRESET=smoke`, `TINYLLAMA_FT_MAX_STEPS=20`). Names in `namespace` that are not
-    configuration fields are ignored, so `notebook_config(globals())` works."""
+    configuration fields are ignored, so `notebook_config(globals())` works. A bad value's error names
+    the variable and the value (`TINYLLAMA_FT_LORA_R=8.5: must be a whole number...`)."""
     environ = os.environ if environ is None else environ
     defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
     defaults |= {f.name: f.default_factory() for f in dataclasses.fields(Config)
                  if f.default_factory is not dataclasses.MISSING}
-    changed = {k: v for k, v in namespace.items() if k in defaults and v != defaults[k]}
+    changed = {k: v for k, v in namespace.items() if k in defaults and _differs(v, defaults[k])}
     from_env = {key[len(ENV_PREFIX):].lower(): value for key, value in environ.items()
                 if key.startswith(ENV_PREFIX)}
-    from_env = {k: v.replace(",", " ").split() if isinstance(defaults.get(k), list) else v
-                for k, v in from_env.items()}
-    unknown = sorted(set(from_env) - set(defaults))
-    if unknown:
-        raise UserError(f"unknown field in {ENV_PREFIX}{unknown[0].upper()}: see `python -m tinyllama_ft config "
-                        "--help` for the field names")
-    args = [item for key, value in (changed | from_env).items() if key != "preset" for item in _as_flag(key, value)]
-    preset = from_env.get("preset", changed.get("preset"))
-    return parse_config(args + (["--preset", preset] if preset else []))
+    return build_config([("notebook", changed), ("variable", from_env)])
+
+
+def _differs(value, default) -> bool:
+    try:
+        return bool(value != default)
+    except Exception:  # e.g. an array in the namespace: compare by identity
+        return value is not default

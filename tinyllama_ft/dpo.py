@@ -11,6 +11,7 @@ chains them. The output is a run folder like SFT's, which `generate`, `chat`, `s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -297,15 +298,20 @@ class DpoTrainer(DPOTrainer):
         return None
 
 
-def build_dpo_trainer(config: DpoConfig, model, tokenizer, pairs) -> DpoTrainer:
-    """TRL's DPOTrainer on the encoded training pairs; the `ref` adapter is made here (a copy of the SFT one)."""
+def build_dpo_trainer(config: DpoConfig, model, tokenizer, pairs, folder=None) -> DpoTrainer:
+    """TRL's DPOTrainer on the encoded training pairs; the `ref` adapter is made here (a copy of the SFT one).
+    `folder`: where it writes when not `output_dir` (a run replacing another is written beside it)."""
     set_seed(config.seed)
-    return DpoTrainer(model=model, args=config, train_dataset=pairs.dataset("train"), processing_class=tokenizer)
+    args = config
+    if folder is not None and str(folder) != config.output_dir:
+        args = copy.copy(config)
+        args.output_dir = str(folder)
+    return DpoTrainer(model=model, args=args, train_dataset=pairs.dataset("train"), processing_class=tokenizer)
 
 
 def train_dpo(config: DpoConfig) -> dict:
     """The whole DPO stage; writes `config.output_dir` and returns its metrics."""
-    from .run_folder import check_output_dir, save_run
+    from .run_folder import check_output_dir, finish_run, save_run, training_folder
     from .modeling import load_tokenizer
     from .preference_data import prepare_pairs
     from .preference_eval import evaluate_stage, load_sft_validation, summarize_dpo
@@ -315,6 +321,7 @@ def train_dpo(config: DpoConfig) -> dict:
     timings = Timings()
     sft_run_config = check_sft_run(config.adapter)
     check_output_dir(config)
+    folder = training_folder(config)  # output_dir, or beside the run it replaces (untouched until this one is complete)
     resolve_from_sft(config, sft_run_config)
     set_seed(config.seed)
     with timings("prepare_data"):
@@ -325,7 +332,7 @@ def train_dpo(config: DpoConfig) -> dict:
         log.info("pairs: %s", pairs.stats())
     with timings("load_model"):
         model = load_policy(config)
-        trainer = build_dpo_trainer(config, model, tokenizer, pairs)
+        trainer = build_dpo_trainer(config, model, tokenizer, pairs, folder)
     with timings("evaluate_before"):
         before = evaluate_stage(config, model, tokenizer, pairs, sft_data)
     with timings("train"):
@@ -336,8 +343,9 @@ def train_dpo(config: DpoConfig) -> dict:
         metrics = summarize_dpo(before, after, train_metrics, model, pairs) | {"timings": timings.as_dict()}
         save_run(config, model, tokenizer, metrics, pairs.split, trainer.state.log_history,
                  generations={"sft": before.get("generations", []), "dpo": after.get("generations", [])},
-                 trainer=trainer)  # the card describes both stages (dpo_card.py)
+                 trainer=trainer, folder=folder)  # the card describes both stages (dpo_card.py)
     if trainer.is_world_process_zero():
-        metrics["timings"] = write_timings(config.output_dir, timings)
+        metrics["timings"] = write_timings(folder, timings)
+        finish_run(config, folder)
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
     return metrics

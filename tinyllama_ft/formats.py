@@ -55,7 +55,7 @@ def load_rows(dataset_name: str, dataset_config: str | None = None, dataset_spli
             raise UserError(f"dataset {path} is a folder without .json, .jsonl, .parquet, .csv or .arrow files: "
                             "pass a .json, .jsonl or .parquet file, or a folder of them")
         rows = _read_hub(dataset_name, dataset_config, dataset_split)
-    elif path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
+    elif path.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv") or path.exists():
         if dataset_config or (dataset_split or "train") != "train":
             raise UserError(f"dataset_config and dataset_split apply to hub datasets, and {dataset_name} is a local "
                             "file (one split): drop them, or pass a hub id or dataset folder")
@@ -71,17 +71,20 @@ def _read_file(path: Path) -> list[dict]:
     """Rows of a local file. JSON may be one array or one object a line (either extension), in
     UTF-8 with or without a BOM and with any line endings (what Windows editors write)."""
     if path.is_dir():
-        raise UserError(f"dataset {path} is a folder: pass a .json, .jsonl or .parquet file inside it")
+        raise UserError(f"dataset {path} is a folder: pass a .json, .jsonl, .csv or .parquet file inside it")
     if not path.is_file():
         raise UserError(f"dataset file {path} does not exist: check --dataset_name")
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()  # rows.JSONL is rows.jsonl
+    if suffix == ".parquet":
         return _read_parquet(path)
-    if path.suffix not in (".json", ".jsonl"):
-        raise UserError(f"dataset file {path} is not .json, .jsonl or .parquet: convert it or rename it")
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise UserError(f"dataset file {path} is not .json, .jsonl, .csv or .parquet: convert it or rename it")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8 JSON") from None
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    if suffix == ".csv":
+        return _read_csv(path, text)
     if text.lstrip().startswith("[") or _one_document(text):
         try:
             rows = json.loads(text)
@@ -98,6 +101,22 @@ def _read_file(path: Path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise UserError(f"{path}: invalid JSON on line {number}: {error.msg}") from None
+    return rows
+
+
+def _read_csv(path: Path, text: str) -> list[dict]:
+    """Rows of a CSV file with a header line (what a spreadsheet saves); every value is text."""
+    import csv
+    import io
+
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as error:
+        raise UserError(f"{path}: not a readable CSV file ({error}): save it as CSV with a header line") from None
+    for number, row in enumerate(rows):
+        if None in row or None in row.values():
+            raise UserError(f"{path}: row {number} (line {number + 2}) has {'more' if None in row else 'fewer'} "
+                            "cells than the header: fix that line")
     return rows
 
 

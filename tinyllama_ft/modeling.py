@@ -81,8 +81,10 @@ def check_model_shape(config) -> None:
     if positions and config.max_length > positions:
         raise UserError(f"max_length {config.max_length} is beyond the model's {positions} positions "
                         f"(max_position_embeddings): use --max_length {positions} or less")
+    every = list(config.lora_target_modules) == [ALL_LINEAR]
     widths = {name.rsplit(".", 1)[-1]: min(m.in_features, m.out_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in config.lora_target_modules}
+              if isinstance(m, torch.nn.Linear) and (name.rsplit(".", 1)[-1] in config.lora_target_modules
+                                                     or every and not name.endswith("lm_head"))}
     if widths and config.lora_r > min(widths.values()):
         name = min(widths, key=widths.get)
         raise UserError(f"lora_r {config.lora_r} is larger than {name}'s smallest dimension {widths[name]}, so "
@@ -115,18 +117,29 @@ def wrap_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
               target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> PeftModel:
     """Freeze the base and add LoRA adapters (kept in fp32) to `target_modules`."""
     _check_targets(model, target_modules)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+    targets = ALL_LINEAR if list(target_modules) == [ALL_LINEAR] else list(target_modules)  # PEFT's own shorthand
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
+ALL_LINEAR = "all-linear"  # every Linear layer but the LM head, as PEFT reads it
+
+
 def _check_targets(model, target_modules) -> None:
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in target_modules if m not in present]
+    """Every target names a layer of the model that LoRA can adapt (a Linear or Embedding layer)."""
+    if list(target_modules) == [ALL_LINEAR]:
+        return
+    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in model.named_modules()}
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [m for m in target_modules if m not in kinds]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"the model has no module named {', '.join(missing)}: choose lora_target_modules "
-                        f"among {', '.join(linear)}")
+                        f"among {', '.join(linear)} (or all-linear)")
+    unfit = [m for m in target_modules if not issubclass(kinds[m], (torch.nn.Linear, torch.nn.Embedding))]
+    if unfit:
+        raise UserError(f"{unfit[0]} is a {kinds[unfit[0]].__name__}, which LoRA cannot adapt: choose "
+                        f"lora_target_modules among {', '.join(linear)} (or all-linear)")
 
 
 def count_parameters(model) -> tuple[int, int]:

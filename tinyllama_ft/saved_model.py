@@ -15,6 +15,7 @@ import torch
 from peft import PeftConfig, PeftModel
 
 from .errors import UserError
+from .files import finish_replacement
 from .modeling import is_model_folder, load_model, load_tokenizer
 
 
@@ -52,6 +53,7 @@ def load_merged(folder: str):
 
 def check_saved_folder(path: Path) -> None:
     """A run folder (or one of its checkpoints) or a merged export: fail in one line for anything else."""
+    finish_replacement(path)  # a run that replaced another, stopped between its two renames
     if path.is_file():
         raise UserError(f"--adapter {path} is a file: pass the run folder that holds it")
     if not path.is_dir():
@@ -63,6 +65,47 @@ def check_saved_folder(path: Path) -> None:
     elif not is_model_folder(path):
         raise UserError(f"{path} is neither a run folder (adapter_config.json) nor a merged export (config.json "
                         "and .safetensors weights): pass the output folder of `train` or of `export`")
+    check_intact(path)
+
+
+def check_intact(path: Path) -> None:
+    """Every JSON file a load reads parses and every safetensors file has a whole header and all the bytes
+    it announces; else one line naming the damaged file (a copy cut short, an editor's slip)."""
+    for name in ("adapter_config.json", "config.json", "run_config.json", "tokenizer_config.json",
+                 "generation_config.json", "tokenizer.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise UserError(f"{file} is damaged ({type(error).__name__}: {str(error).splitlines()[0]}): restore "
+                                "it from a copy, or export / train the folder again") from None
+    for file in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            raise UserError(f"{file} is damaged ({problem}): restore it from a copy, or export / train the folder "
+                            "again")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (8-byte header length, JSON header, data size)."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, not a safetensors file"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return "its header is cut short"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return "its header is not JSON"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"
+            and isinstance(entry, dict) and "data_offsets" in entry]
+    if ends and 8 + length + max(ends) > size:
+        return f"truncated: {size} of {8 + length + max(ends)} bytes"
+    return None
 
 
 def run_folder_of(folder: str | Path) -> Path:

@@ -24,12 +24,14 @@ model's `do_sample=False` and answer greedily at any temperature), and stop at `
 generation config's EOS).
 """
 
-from __future__ import annotations
-
+import errno
 import json
 import logging
+import socket
+import uuid
 from pathlib import Path
 
+from .api import ChatCompletionRequest, add_error_handlers, check_turns
 from .batching import serving_cache_config
 from .chat_template import PROBES
 from .encoding import encode_prompt
@@ -39,6 +41,7 @@ from .saved_model import context_length, load_saved, saved_system_prompt
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 1024  # transformers serve's default answer budget
+DEFAULT_TIMEOUT_S = 300.0  # the longest a request may generate
 
 
 def check_prompt_ids(tokenizer) -> None:
@@ -77,22 +80,22 @@ def merged_generation_config(request_config, model_config) -> str:
     return json.dumps({**base, **settings})
 
 
-def build_app(model, tokenizer, name: str, system_prompt: str | None = None, continuous_batching: bool = False):
-    """transformers' FastAPI app, pinned to `model` (already loaded) under the id `name`; requests without
-    a system message get `system_prompt` (the run's own) first, as training formatted its rows.
+def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max_new_tokens: int = DEFAULT_MAX_TOKENS,
+              request_timeout_s: float = DEFAULT_TIMEOUT_S, continuous_batching: bool = False):
+    """A FastAPI app serving `model` (already loaded) under the id `name` with transformers' chat handler:
+    `POST /v1/chat/completions` (its body validated against `api.ChatCompletionRequest`, published in
+    `/openapi.json`), `GET /v1/models`, `GET /health`. Requests without a system message get
+    `system_prompt` (the run's own) first, as training formatted its rows. An answer gets at most
+    `max_new_tokens` and what the context leaves, and generation stops after `request_timeout_s`.
     `continuous_batching`: requests that arrive together share the model's steps (`transformers serve
     --continuous-batching`'s machinery: a paged cache, finished answers leave at once); off, each request
     generates on its own, one after another (benchmarks/serve_load.py measures both)."""
     try:
-        from fastapi import HTTPException
+        from fastapi import FastAPI, HTTPException, Request
+        from fastapi.responses import JSONResponse
         from transformers.cli.serving.chat_completion import ChatCompletionHandler
-        from transformers.cli.serving.completion import CompletionHandler
         from transformers.cli.serving.model_manager import ModelManager
-        from transformers.cli.serving.response import ResponseHandler
-        from transformers.cli.serving.server import build_server
-        from transformers.cli.serving.systemone import SystemOneHandler
-        from transformers.cli.serving.transcription import TranscriptionHandler
-        from transformers.cli.serving.utils import GenerationState, Modality
+        from transformers.cli.serving.utils import GenerationState
     except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
         raise UserError(f"serve needs transformers' server ({error}): pip install 'transformers[serving]>=5.24,<6'") from None
 
@@ -112,27 +115,6 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, con
             return model
 
     class ChatCompletions(ChatCompletionHandler):
-        """transformers' handler, after `encode_prompt` has checked the messages: special-token text
-        and conversations longer than the context are refused (HTTP 400); without `max_tokens` an
-        answer may fill the context, up to transformers' default of 1024 tokens."""
-
-        async def handle_request(self, body: dict, request_id: str):
-            if isinstance(body.get("messages"), list) and all(isinstance(m, dict) for m in body["messages"]):
-                if system_prompt and (not body["messages"] or body["messages"][0].get("role") != "system"):
-                    body["messages"] = [{"role": "system", "content": system_prompt}, *body["messages"]]
-                try:
-                    prompt = encode_prompt(tokenizer, self.get_processor_inputs_from_messages(body["messages"],
-                                                                                              Modality.LLM))
-                except UserError as error:
-                    raise HTTPException(status_code=400, detail=str(error)) from None
-                room = context_length(model) - len(prompt)
-                if room < 1:
-                    raise HTTPException(status_code=400, detail=f"the conversation is {len(prompt)} tokens, the "
-                                        f"model's context {context_length(model)}: drop its oldest turns")
-                if requested_max_new_tokens(body) is None:
-                    body["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
-            return await super().handle_request(body, request_id)
-
         def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
             """transformers' config for the request, where the request's own `generation_config` (what
             `transformers chat` sends) is laid over the model's (its EOS, greedy) instead of replacing it."""
@@ -140,8 +122,9 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, con
                 body = {**body, "generation_config": merged_generation_config(body["generation_config"],
                                                                               model_generation_config)}
             config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
-            if body.get("generation_config") is None and float(body.get("temperature") or 0) > 0:
+            if float(body.get("temperature") or 0) > 0:
                 config.do_sample = True  # transformers keeps the model's do_sample (False): greedy at any temperature
+            config.max_time = request_timeout_s  # a request is bounded in time, whatever it asks
             return config
 
         def _build_completion(self, request_id, content, *args, **kwargs):
@@ -165,26 +148,90 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, con
     manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
     state = GenerationState(continuous_batching=continuous_batching,
                             cb_config=serving_cache_config(model) if continuous_batching else None)
-    return build_server(manager, ChatCompletions(manager, state), completion_handler=CompletionHandler(manager, state),
-                        response_handler=ResponseHandler(manager, state),
-                        transcription_handler=TranscriptionHandler(manager, state),
-                        systemone_handler=SystemOneHandler(manager, state), generation_state=state)
+    handler = ChatCompletions(manager, state)
+    app = FastAPI(title="tinyllama-ft serve", version="1", lifespan=None)
+    add_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        if body.model is not None and body.model != name:
+            raise HTTPException(status_code=404, detail=f"model {body.model!r} is not served here: use {name!r} "
+                                "(GET /v1/models)")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        try:
+            check_turns(messages)
+            prompt = encode_prompt(tokenizer, messages)
+        except UserError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        room = context_length(model) - len(prompt)
+        if room < 1:
+            raise HTTPException(status_code=400, detail=f"the conversation is {len(prompt)} tokens, the model's "
+                                f"context {context_length(model)}: drop its oldest turns")
+        fields = body.model_dump(exclude_none=True, exclude={"messages", "max_completion_tokens", "model"})
+        asked = requested_max_new_tokens(body.model_dump(exclude_none=True)) or max_new_tokens
+        fields |= {"messages": messages, "model": name, "max_tokens": min(asked, room, max_new_tokens)}
+        return await handler.handle_request(fields, request.state.request_id)
+
+    @app.get("/v1/models")
+    def list_models():
+        return JSONResponse({"object": "list", "data": manager.list_models()})
+
+    @app.get("/health")
+    def health():
+        return JSONResponse({"status": "ok"})
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        request.state.request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    return app
 
 
-def app_for(folder: str, continuous_batching: bool = False):
+def check_port_free(host: str, port: int) -> None:
+    """Fail in one line, before the model loads, when `host:port` cannot be listened on."""
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UserError(f"--host {host} is not an address of this machine ({error.strerror}): pass 127.0.0.1 "
+                        "or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        try:
+            sock.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is already in use (another server?): pass another --port "
+                                "or stop that server") from None
+            raise UserError(f"cannot listen on {host}:{port} ({error.strerror}): pass another --host or "
+                            "--port") from None
+
+
+def app_for(folder: str, max_new_tokens: int = DEFAULT_MAX_TOKENS, request_timeout_s: float = DEFAULT_TIMEOUT_S,
+            continuous_batching: bool = False):
     """(the app, the model's name) for `folder`: anything `load_saved` loads, with the run's system prompt."""
     model, tokenizer = load_saved(folder)
     name = Path(folder).resolve().name
-    return build_app(model, tokenizer, name, saved_system_prompt(folder), continuous_batching), name
+    return build_app(model, tokenizer, name, saved_system_prompt(folder), max_new_tokens, request_timeout_s,
+                     continuous_batching), name
 
 
-def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, continuous_batching: bool = False) -> None:
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int = DEFAULT_MAX_TOKENS,
+          request_timeout_s: float = DEFAULT_TIMEOUT_S, continuous_batching: bool = False) -> None:
     """Load `folder` (a run, a checkpoint of one, or a merged export) and serve it until interrupted."""
     import uvicorn
 
-    if not 0 < port < 65536:
-        raise UserError(f"--port must be between 1 and 65535, got {port}")
-    app, name = app_for(folder, continuous_batching)
+    if max_new_tokens < 1 or not 0 < request_timeout_s < float("inf"):
+        raise UserError(f"need --max_new_tokens >= 1 and --request_timeout > 0 seconds, got {max_new_tokens} and "
+                        f"{request_timeout_s}")
+    check_port_free(host, port)  # before the model loads, which can take minutes
+    app, name = app_for(folder, max_new_tokens, request_timeout_s, continuous_batching)
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
              folder, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import shutil
 import time
+from pathlib import Path
 
 import torch
 import trl.trainer.utils as trl_utils
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.trainer import rotate_checkpoints
 from trl import SFTTrainer
 
@@ -25,7 +27,9 @@ from .data import Data, prepare_data
 from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
 from .memory import decide_checkpointing
 from .modeling import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
-from .run_folder import check_output_dir, resume_path, save_run
+from .files import write_json
+from .fingerprint import FILE as FINGERPRINT_FILE, apply_new_cadence, check_resume, fingerprint
+from .run_folder import check_output_dir, finish_run, resume_path, save_run, training_folder
 from .timings import Timings, write_timings
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,9 @@ class Trainer(SFTTrainer):
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            # what defines the run (compared on resume) and its settings (a checkpoint is used like a run folder)
+            write_json(Path(staging) / name / FINGERPRINT_FILE, self.fingerprint)
+            write_json(Path(staging) / name / "run_config.json", self.run_config)
             os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
             shutil.rmtree(staging)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
@@ -122,11 +129,14 @@ class Trainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
 
-def trainer_config(config: Config) -> Config:
+def trainer_config(config: Config, folder: str | Path | None = None) -> Config:
     """The configuration handed to TRL. With padding-free batches (the default) TRL gets
     `max_length=None`, as it refuses `padding_free` without packing otherwise (rows over `max_length`
     are already dropped by `prepare_data`), and counts every token as real, since none is padding
     (its `non_padding` count would skip the EOS tokens, which equal the pad token)."""
+    if folder is not None and str(folder) != config.output_dir:  # a run replacing another is written beside it
+        config = copy.copy(config)
+        config.output_dir = str(folder)
     if config.padding_free and not config.packing and config.max_length is not None:
         config = copy.copy(config)
         config.max_length = None
@@ -134,7 +144,7 @@ def trainer_config(config: Config) -> Config:
     return config
 
 
-def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
+def build_trainer(config: Config, model, tokenizer, data: Data, folder: str | Path | None = None) -> SFTTrainer:
     """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100 (or, padding-free,
     concatenates rows with restarting position ids), so the EOS stays trained. Resolves
     `gradient_checkpointing="auto"` first, from the worst-case micro-batch (`memory.decide_checkpointing`)."""
@@ -142,8 +152,18 @@ def build_trainer(config: Config, model, tokenizer, data: Data) -> SFTTrainer:
     eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
     if eval_dataset is None:
         config.eval_strategy = "no"
-    return Trainer(model=model, args=trainer_config(config), train_dataset=data.dataset("train"),
-                   eval_dataset=eval_dataset, processing_class=tokenizer)
+    trainer = Trainer(model=model, args=trainer_config(config, folder), train_dataset=data.dataset("train"),
+                      eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=[NewCadence()])
+    trainer.fingerprint = fingerprint(config, data.examples("train"))  # written into each checkpoint
+    trainer.run_config = json.loads(config.to_json())
+    return trainer
+
+
+class NewCadence(TrainerCallback):
+    """A resumed run logs, evaluates and saves at this command's steps (`fingerprint.apply_new_cadence`)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        apply_new_cadence(state, args)
 
 
 def fit(trainer: SFTTrainer) -> dict:
@@ -186,12 +206,16 @@ class Run:
         check_output_dir(self.config)
         check_model_shape(self.config)
         set_seed(self.config.seed)
+        # Where it writes: output_dir, or beside the run it replaces (untouched until this one is complete)
+        self.folder = training_folder(self.config)
 
     def prepare_data(self) -> Data:
         """The tokenizer, and the rows validated, encoded, filtered and split (`data.prepare_data`)."""
         with self.timings("prepare_data"):
             self.tokenizer = load_tokenizer(self.config.model_name_or_path, self.config.trust_remote_code)
             self.data = prepare_data(self.config, self.tokenizer)
+            if resume_path(self.config):  # before the model loads: the checkpoint must continue this very run
+                check_resume(resume_path(self.config), self.config, self.data.examples("train"))
             log.info("configuration:\n%s", self.config.to_json())  # once known good: bad input shows only its error
             log.info("data: %s", self.data.stats(self.config.max_length))
         return self.data
@@ -200,7 +224,7 @@ class Run:
         """The base model with LoRA adapters (`setup_model`) and its trainer (`build_trainer`)."""
         with self.timings("load_model"):
             self.model = setup_model(self.config, self.tokenizer)
-            self.trainer = build_trainer(self.config, self.model, self.tokenizer, self.data)
+            self.trainer = build_trainer(self.config, self.model, self.tokenizer, self.data, self.folder)
         return self.model
 
     def evaluate_base(self) -> dict:
@@ -227,10 +251,11 @@ class Run:
         with self.timings("save"):
             self.metrics["timings"] = self.timings.as_dict()
             save_run(self.config, self.model, self.tokenizer, self.metrics, self.data.split,
-                     self.trainer.state.log_history, trainer=self.trainer,
+                     self.trainer.state.log_history, trainer=self.trainer, folder=self.folder,
                      generations={"base": self.base.get("generations", []), "tuned": self.tuned.get("generations", [])})
         if self.trainer.is_world_process_zero():  # metrics.json gets the final timings, saving included
-            self.metrics["timings"] = write_timings(self.config.output_dir, self.timings)
+            self.metrics["timings"] = write_timings(self.folder, self.timings)
+            finish_run(self.config, self.folder)  # a run it replaces goes only now, the new one complete
         log.info("metrics: %s", {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))})
         log.info("timings (s): %s", self.timings.summary())
         return self.metrics
