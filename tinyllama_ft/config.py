@@ -214,6 +214,8 @@ class Config(SFTConfig):
         default="non_padding", metadata={"help": "Count real (non-padding) tokens for tokens/second."})
 
     def __post_init__(self):
+        if isinstance(self.gradient_checkpointing, bool):  # presets and Python callers say True/False: auto|true|false
+            self.gradient_checkpointing = str(self.gradient_checkpointing).lower()
         validate(self)  # every field's declared type and range, whatever source it came from
         self._check_values()
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .validation import refuse
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def checkpointing_value(value) -> bool | str:
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise UserError(f"gradient_checkpointing must be auto, true or false, got {value!r}")
+    raise refuse("gradient_checkpointing", value, "must be auto, true or false", "auto")
 
 
 def checkpointing_needed(activation_bytes: int | None, free_bytes: int) -> bool:
