@@ -90,10 +90,10 @@ def test_smoke_preset_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--preset", "nope"], "unknown preset"),
+    (["train", "--preset", "nope"], "is not a preset (presets: smoke)"),
     (["train", "--lora_r", "0"], "lora_r must be > 0"),
     (["train", "--learning_rate", "-1"], "learning_rate must be > 0"),
-    (["train", "--no_such_field", "1"], "not used by the HfArgumentParser"),
+    (["train", "--no_such_field", "1"], "unrecognized arguments: --no_such_field 1"),
     (["train", "--precision", "fp16"], "needs a CUDA GPU"),
     (["train", "--preset", "smoke", "--dataset_name", "missing.jsonl"], "does not exist"),
     (["train", "--preset", "smoke", "--train_size", "100"], "has only 48 rows"),
@@ -114,5 +114,5 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
 def test_errors_exit_non_zero_without_traceback_from_the_shell():
     result = cli("train", "--lora_r", "-3", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "error: lora_r must be > 0, got -3"
+    assert result.stderr.strip().splitlines()[-1] == "error: --lora_r -3: lora_r must be > 0: pass --lora_r 16"
     assert "Traceback" in cli("train", "--lora_r", "-3", "--debug", check=False).stderr

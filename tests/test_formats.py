@@ -314,7 +314,7 @@ BAD_FILES = {
     "null_completion.jsonl": [{"prompt": "a", "completion": None}] * 50,
 }
 BAD = [  # (flags after `train --preset smoke`, expected words in the one-line error)
-    (["--dataset_format", "csv"], "invalid choice: 'csv'"),
+    (["--dataset_format", "csv"], "--dataset_format csv: must be one of auto, dolly, alpaca"),
     (["--columns", "instruction"], "'instruction' is not NAME=COLUMN"),
     (["--columns", "question=instruction"], "unknown name 'question'"),
     (["--dataset_name", "{tmp}/dolly.jsonl", "--columns", "instruction=question"],

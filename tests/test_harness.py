@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 from runs import cli, stories_run
@@ -118,7 +119,9 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
-    (run / "adapter_model.safetensors").write_text("")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, run / "adapter_model.safetensors")  # whole, so the folder passes its checks
     assert main(["evaluate", "--adapter", str(run), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err

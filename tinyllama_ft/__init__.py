@@ -22,6 +22,8 @@ command line's `--help` do not wait for torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _EXPORTS = {  # name -> the module that defines it, in the order the data flows
     "UserError": "errors",
@@ -48,6 +50,20 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value  # once imported, a plain attribute
     return value
+
+
+class _Package(types.ModuleType):
+    """`train` is a function and the module that defines it: Python records an imported submodule as an
+    attribute of its package, which must not replace the function `from tinyllama_ft import train` gives
+    (with eager imports the function was bound last; with lazy ones the submodule can come second)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and name in _EXPORTS and value.__name__ == f"{__name__}.{name}":
+            return  # the module stays in sys.modules, so `from tinyllama_ft.train import STAGES` still works
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
