@@ -26,7 +26,8 @@ from peft import PeftConfig, PeftModel
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer, TrlParser
 
-from .config import _config_path, _preset_from, _read_yaml, _yaml_problem, resolve_precision
+from .config import resolve_precision
+from .config_sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
 from .errors import UserError
 from .preference_data import parse_pair_columns
 
@@ -162,6 +163,16 @@ class DpoConfig(DPOConfig):
         data = self.to_dict()
         data.pop("hub_token", None)
         return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+def _preset_from(args: list[str]) -> str | None:
+    """The preset named by `--preset P`, `--preset=P` or the `--config` file's `preset:`."""
+    for i, arg in enumerate(args):
+        if arg == "--preset" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return _read_yaml(_config_path(args)).get("preset")
 
 
 def parse_dpo_config(args: list[str] | None = None, **overrides) -> DpoConfig:
