@@ -291,6 +291,11 @@ NOTEBOOK = """
 import json, sys, os
 cells = [c for c in json.load(open(sys.argv[1], encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
 namespace = {"__name__": "__main__"}
+try:  # what IPython gives every cell; the device image may have no IPython
+    from IPython.display import display
+except ImportError:
+    display = print
+namespace["display"] = display
 for i, cell in enumerate(cells):
     source = "".join(cell["source"])
     source = "\\n".join(l for l in source.splitlines() if not l.lstrip().startswith(("%", "!")))  # no IPython magics

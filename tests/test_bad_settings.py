@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -135,6 +136,10 @@ def test_fp16_and_bf16_are_honoured_as_precision_or_refused_never_dropped():
     message = refusal(lambda: parse_config(["--output_dir", "runs/x", "--fp16", "true"]))
     assert message.startswith("--fp16 true: fp16 needs a CUDA GPU"), message  # CPU here; on a GPU: precision fp16
     assert parse_config(["--output_dir", "runs/x", "--bf16", "true", "--use_cpu", "true"]).precision == "bf16"  # bf16 runs on CPU (issue 21)
+    if not torch.cuda.is_available():  # and without --use_cpu: on a CPU-only machine bf16 names the CPU itself
+        for flags in (["--bf16", "true"], ["--precision", "bf16"]):
+            config = parse_config(["--output_dir", "runs/x", *flags])
+            assert config.precision == "bf16" and config.use_cpu and config.bf16
     for flag in ("fp16", "bf16"):
         message = refusal(lambda: parse_config([*BASE, f"--{flag}", "true"]))  # smoke says precision fp32
         assert f"contradicts precision=fp32" in message, message

@@ -290,9 +290,6 @@ def test_reference_strategies_side_by_side_same_adapter_and_peak_memory():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="failed once in the merged main's first pytest run (22:3x, 2 xdist workers), "
-                   "after passing by hand (adapter difference 0.0 with OMP_NUM_THREADS=1); not yet diagnosed: "
-                   "see the session's closing note")
 def test_a_killed_dpo_run_resumes_to_the_same_adapter(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "paused"
     args = [str(a) for a in dpo_args(out)]

@@ -13,7 +13,6 @@ STEPS = ["versions", "bench, 12 GB cap", "bench, uncapped", "train bf16", "train
          "notebook"]
 
 
-@pytest.mark.xfail(strict=False, reason="the dry run ends 6 of 8 steps ok on the merged main (train bf16; the notebook step runs cells without IPython: NameError display): issue 21 stays open")
 @pytest.mark.slow  # every step on CPU: two small benches, two tiny trainings with export, the smoke notebook (~4 min)
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     asset("tinyllama-tokenizer"), asset("tinyllama-1.1b-config"), asset("dolly/dolly-sample-1109.jsonl")

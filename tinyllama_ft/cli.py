@@ -63,14 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             raise
+        close_progress_bars()
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
+        close_progress_bars()
         print(f"interrupted: {stop.args[0] if stop.args else 'run the same command again'}", file=sys.stderr)
         return 130
     finally:
         close_process_group()
     return 0
+
+
+def close_progress_bars() -> None:
+    """Close the bars a stopped stage left open: an open tqdm bar redraws itself when the interpreter exits,
+    after our last line, which is then no longer the last thing the user sees."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def close_process_group() -> None:

@@ -22,6 +22,7 @@ from trl import SFTConfig
 from .config_sources import close_match, config_path, parse_flags, read_yaml, where_unknown
 from .errors import UserError
 from .memory import checkpointing_value
+from .precision import require_cuda_and, set_precision
 from .validation import refuse, sources, validate
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
@@ -220,8 +221,7 @@ class Config(SFTConfig):
         self._check_values()
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.use_cpu = True  # torchrun/accelerate on a CPU-only machine: one data-parallel run over gloo
-        self.precision = resolve_precision(self._precision_asked())
-        self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
+        set_precision(self, self._precision_asked())
         # `gradient_checkpointing` is the name the seed and TRL users know; transformers 5 calls it
         # `activation_checkpointing` and reads the old name only when the new one is unset.
         self.gradient_checkpointing = checkpointing_value(self.gradient_checkpointing)
@@ -262,9 +262,9 @@ class Config(SFTConfig):
         if self.max_length is None:
             raise refuse("max_length", None, "max_length must be an integer >= 16", 1024)
         if self.load_in_4bit:
-            _require_cuda_and("load_in_4bit", "bitsandbytes", "bitsandbytes")
+            require_cuda_and("load_in_4bit", "bitsandbytes", "bitsandbytes")
         if self.use_liger_kernel:  # Triton kernels for RMSNorm, RoPE, SwiGLU (TRL keeps its own fused LM head)
-            _require_cuda_and("use_liger_kernel", "liger_kernel", "liger-kernel")
+            require_cuda_and("use_liger_kernel", "liger_kernel", "liger-kernel")
         if self.max_steps == 0 or self.max_steps < -1:
             raise refuse("max_steps", self.max_steps, "max_steps must be > 0, or -1 to train num_train_epochs", 100)
         if self.max_steps == -1 and self.num_train_epochs <= 0:
@@ -294,32 +294,6 @@ def wants_resume(value) -> bool:
     return value is not None and str(value).lower() not in RESUME_OFF
 
 
-def _require_cuda_and(flag: str, module: str, package: str) -> None:
-    import importlib.util
-
-    if not torch.cuda.is_available():
-        raise UserError(f"{flag} needs a CUDA GPU and none is visible: drop --{flag}")
-    if importlib.util.find_spec(module) is None:
-        raise UserError(f"{flag} needs {package}: pip install {package}")
-
-
-def resolve_precision(precision: str) -> str:
-    """`auto` becomes bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
-    if precision == "auto":
-        if not torch.cuda.is_available():
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("precision=fp16 needs a CUDA GPU and none is visible: use --precision auto, bf16 or fp32")
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
-    return precision
-
-
-def compute_dtype(config: Config) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision]
-
-
 def parse_config(args: list[str] | None = None, **overrides) -> Config:
     """Resolve a configuration: defaults < preset < YAML (`--config F.yaml`) < flags < keyword overrides.
 
@@ -345,9 +319,9 @@ def parse_config(args: list[str] | None = None, **overrides) -> Config:
 def build_config(layers: list[tuple[str, dict]]) -> Config:
     """`Config` from (source, values) layers, lowest first, over the defaults and the preset named by the
     highest layer that names one; every value is checked with its source known."""
-    preset = next((values["preset"] for _, values in reversed(layers) if values.get("preset")), None)
-    if preset is not None and preset not in PRESETS:
-        source = next(s for s, values in reversed(layers) if values.get("preset"))
+    source, preset = next(((s, values["preset"]) for s, values in reversed(layers)
+                           if values.get("preset") not in (None, "")), (None, None))
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):  # a list is no dict key
         with sources({"preset": source}):
             raise refuse("preset", preset, f"is not a preset (presets: {', '.join(PRESETS)})", "smoke")
     merged, origin = dict(PRESETS.get(preset, {})), {k: f"preset {preset}" for k in PRESETS.get(preset, {})}
@@ -359,6 +333,7 @@ def build_config(layers: list[tuple[str, dict]]) -> Config:
                                 "see `python -m tinyllama_ft config --help`")
         merged |= values
         origin |= {key: source for key in values}
+    merged["preset"] = preset  # the one applied (an empty value below a named preset does not hide it)
     with sources(origin):
         config = Config(**merged)
         _check_explicit(config, {k for k, s in origin.items() if not s.startswith("preset ")})

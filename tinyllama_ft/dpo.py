@@ -26,7 +26,7 @@ from peft import PeftConfig, PeftModel
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer, TrlParser
 
-from .config import resolve_precision
+from .precision import set_precision
 from .config_sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
 from .errors import UserError
 from .preference_data import parse_pair_columns
@@ -126,8 +126,7 @@ class DpoConfig(DPOConfig):
 
     def __post_init__(self):
         self._check_values()
-        self.precision = resolve_precision(self.precision)
-        self.bf16, self.fp16 = self.precision == "bf16", self.precision == "fp16"
+        set_precision(self, self.precision)
         if self.activation_checkpointing is None:
             self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
@@ -257,7 +256,7 @@ def resolve_from_sft(config: DpoConfig, sft_run_config: dict) -> DpoConfig:
 
 def load_policy(config: DpoConfig):
     """The base model in the compute dtype with the SFT adapter loaded trainable (fp32 LoRA weights)."""
-    from .config import compute_dtype
+    from .precision import compute_dtype
     from .modeling import count_parameters, load_model
 
     device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"

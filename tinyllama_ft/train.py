@@ -22,7 +22,8 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer import rotate_checkpoints
 from trl import SFTTrainer
 
-from .config import Config, compute_dtype
+from .config import Config
+from .precision import compute_dtype
 from .data import Data, prepare_data
 from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
 from .memory import decide_checkpointing
