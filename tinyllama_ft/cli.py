@@ -32,7 +32,7 @@ commands:
                                                   OpenAI-compatible /v1/chat/completions
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
-            [--format gguf [--quantization f16|q8_0]]  or one .gguf + Ollama Modelfile
+            [--format gguf [--quantization f16|q8_0|f32]]  or one .gguf + Ollama Modelfile
   evaluate  --adapter DIR [--tasks T1,T2,...] [--include_path DIR] [--limit N] [--batch_size B|auto]
             [--apply_chat_template] [--out F.json]
                                                   base vs fine-tuned on lm-eval benchmarks (needs
@@ -235,7 +235,7 @@ def cmd_export(args: list[str]) -> None:
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload it to this (private) hub repo")
     parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
                         help="safetensors: a transformers folder; gguf: one .gguf and an Ollama Modelfile")
-    parser.add_argument("--quantization", choices=("f16", "q8_0"), help="GGUF weights (default f16)")
+    parser.add_argument("--quantization", choices=("f16", "q8_0", "f32"), help="GGUF weights (default f16; f32: exact)")
     opts = _parse(parser, args)
     from .export import export_merged, push_to_hub
 

@@ -24,7 +24,7 @@ from .files import written_folder
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("f16", "q8_0")
+QUANTIZATIONS = ("f16", "q8_0", "f32")  # f32: the merged weights exactly (4 bytes a weight)
 
 # TinyLlama-Chat's format in Ollama's Go template language: every message is "<|role|>\n{content}</s>\n",
 # then "<|assistant|>\n" opens the answer -- what the HF chat template renders with add_generation_prompt=True
@@ -122,13 +122,14 @@ def add_hyperparameters(writer, config, quantization: str) -> None:
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quantization == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "f32": gguf.LlamaFileType.ALL_F32}[quantization])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def add_tensors(writer, model, quantization: str) -> None:
     """Every weight under its GGUF name: q/k rows permuted to GGUF's rotary layout, 1-D tensors (norms)
-    in f32, matrices in f16 or Q8_0 (f16 where a row is not a multiple of Q8_0's 32-value block)."""
+    in f32, matrices in f16, f32 or Q8_0 (f16 where a row is not a multiple of Q8_0's 32-value block)."""
     import gguf
 
     config = model.config
@@ -159,7 +160,7 @@ def permute_rotary(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarr
 def add_tensor(writer, name: str, data: np.ndarray, quantization: str) -> None:
     import gguf
 
-    if data.ndim == 1:
+    if data.ndim == 1 or quantization == "f32":
         writer.add_tensor(name, data.astype(np.float32))
         return
     if quantization == "q8_0":
