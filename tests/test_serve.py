@@ -17,7 +17,7 @@ from tinyllama_ft.chat import Chat
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.modeling import build_tiny_tokenizer
 from tinyllama_ft.chat_template import PROBES, bos_prefix
-from tinyllama_ft.serve import check_prompt_ids
+from tinyllama_ft.serve import check_port_free, check_prompt_ids
 
 from conftest import ROOT
 from runs import stories_run
@@ -142,6 +142,9 @@ def test_serve_with_continuous_batching_answers_concurrent_requests_like_generat
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(ask, questions))
         assert [a.strip() for a in answers] == [e["text"] for e in expected]
+        process.terminate()  # one SIGTERM ends it: the app's shutdown stops the batching worker thread
+        assert process.wait(timeout=60) == 0, log.read_text()[-2000:]
+        check_port_free("127.0.0.1", port)  # and the next `serve` on the same port may start at once
     finally:
         process.terminate()
         try:

@@ -24,6 +24,7 @@ model's `do_sample=False` and answer greedily at any temperature), and stop at `
 generation config's EOS).
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -149,7 +150,12 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
     state = GenerationState(continuous_batching=continuous_batching,
                             cb_config=serving_cache_config(model) if continuous_batching else None)
     handler = ChatCompletions(manager, state)
-    app = FastAPI(title="tinyllama-ft serve", version="1", lifespan=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.shutdown()  # the continuous-batching worker thread, which would keep the process from exiting
+
+    app = FastAPI(title="tinyllama-ft serve", version="1", lifespan=lifespan)
     add_error_handlers(app)
 
     @app.post("/v1/chat/completions")
@@ -203,6 +209,9 @@ def check_port_free(host: str, port: int) -> None:
                         "or 0.0.0.0") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
+        # as uvicorn binds: a port whose last server just stopped (connections in TIME_WAIT) is free to it, and a
+        # port another server listens on is still refused
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(address)
         except OSError as error:
