@@ -68,15 +68,47 @@ def consumer_prompts() -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def consumer_exports() -> dict:
-    """stories_run() exported through the command line as a merged model and as an f16 GGUF (+ Modelfile), with
-    `generate`'s greedy answers to consumer_prompts() on the run folder: what every consumer must answer."""
+def stopping_run() -> Path:
+    """A random Llama (the cpu bench's: hidden 256, 4 layers) on the real TinyLlama tokenizer, fine-tuned 64 steps
+    to answer each real Dolly prompt with the name of its row's category and stop (~40 s on 2 CPU cores). It
+    learns the commonest, "open qa", and ends every greedy answer in EOS with a margin (top-2 logit gap >= 0.4
+    at every step, measured; f16 rounding moves logits ~0.03). stories260k cannot: its EOS row is one of the
+    rows pretraining never used (norm 2.7733, as ids 0, 3 and 4), so the EOS ties with those tokens whatever
+    LoRA does to the hidden states ("open qa$...")."""
+    import json
+
+    from tinyllama_ft.bench import BENCH_PRESETS
+    from tinyllama_ft.bench_worker import _prepare
+
+    model = _TMP / "random-llama"
+    _prepare(dict(folder=str(model), model=BENCH_PRESETS["cpu"]["model"], device="cpu"))
+    rows = [json.loads(line) for line in open(asset("dolly/dolly-sample-1109.jsonl"), encoding="utf-8")]
+    data = _TMP / "dolly-categories.jsonl"
+    data.write_text("".join(json.dumps(dict(r, response=r["category"].replace("_", " "))) + "\n" for r in rows),
+                    encoding="utf-8")
+    out = _TMP / "stopping"
+    cli("train", "--model_name_or_path", model, "--dataset_name", data, "--output_dir", out, "--max_length", 512,
+        "--train_size", 512, "--eval_size", 16, "--test_size", 16, "--num_generate", 4, "--max_new_tokens", 16,
+        "--max_steps", 64, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1,
+        "--learning_rate", "5e-3", "--logging_steps", 16, "--eval_steps", 1000, "--save_steps", 1000,
+        "--precision", "fp32", "--lora_r", 8, "--lora_alpha", 16)
+    return out
+
+
+CONSUMER_RUNS = {"dolly": stories_run, "stopping": stopping_run}  # answers cut at the budget / ending in EOS
+
+
+@functools.lru_cache(maxsize=None)
+def consumer_exports(name: str = "dolly") -> dict:
+    """CONSUMER_RUNS[name]() exported through the command line as a merged model and as an f16 GGUF (+ Modelfile),
+    with `generate`'s greedy answers to consumer_prompts() on the run folder: what every consumer must answer."""
     from tinyllama_ft import generate, load_for_inference
 
-    run = stories_run()
-    cli("export", "--adapter", run, "--out", _TMP / "consumer-merged")
-    cli("export", "--adapter", run, "--out", _TMP / "consumer-gguf", "--format", "gguf")
+    run = CONSUMER_RUNS[name]()
+    merged, gguf = _TMP / f"consumer-{name}-merged", _TMP / f"consumer-{name}-gguf"
+    cli("export", "--adapter", run, "--out", merged)
+    cli("export", "--adapter", run, "--out", gguf, "--format", "gguf")
     model, tokenizer = load_for_inference(str(run), device="cpu")
     generated = generate(model, tokenizer, list(consumer_prompts()), max_new_tokens=ANSWER_TOKENS, progress=False)
-    return dict(run=run, merged=_TMP / "consumer-merged", gguf=_TMP / "consumer-gguf" / f"{run.name}-f16.gguf",
-                model=(model, tokenizer), generated=generated)
+    return dict(run=run, merged=merged, gguf=gguf / f"{run.name}-f16.gguf", model=(model, tokenizer),
+                generated=generated)

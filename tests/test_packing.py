@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tinyllama_ft.bench import SEED, assets_dir
+from tinyllama_ft.lm_head import LogSoftmaxLogProbs
 
 ASSETS = assets_dir()
 STORIES = ASSETS / "stories260k"
@@ -145,10 +146,11 @@ def test_micro_batch_loss_and_lora_gradients_equal(trainers):
     assert all(g.norm() > 0 for n, g in grads_a.items() if "lora_A" in n or "lora_B" in n)
 
 
-def test_lm_head_over_labelled_positions_only_gives_the_same_loss_and_gradients(trainers, monkeypatch):
+@pytest.mark.parametrize("implementation", ["auto", "trl"])
+def test_lm_head_over_labelled_positions_only_gives_the_same_loss_and_gradients(trainers, monkeypatch, implementation):
     """`lm_head_labelled_only`: the LM head sees only the positions whose next token is trained, on CPU
     too (TRL itself does so only on CUDA/XPU), and the loss and LoRA gradients stay those of scoring every
-    position."""
+    position; with either way of scoring them (`lm_head_implementation`)."""
     import trl.trainer.utils as trl_utils
 
     _, fast, data = trainers
@@ -156,17 +158,18 @@ def test_lm_head_over_labelled_positions_only_gives_the_same_loss_and_gradients(
     items = (batch["labels"][..., 1:] != -100).sum()
     positions = batch["input_ids"].shape[1] - 1
     assert 0 < int(items) < positions
-    decide, apply = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction.apply
-    scored = []
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
-                        lambda hidden, *rest: (scored.append(hidden.shape[0]), apply(hidden, *rest))[1])
+    decide, kernel = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
+    scorer = LogSoftmaxLogProbs if implementation == "auto" else kernel  # on CPU: no Triton
+    apply, scored = scorer.apply, []
+    monkeypatch.setattr(scorer, "apply", lambda hidden, *rest: (scored.append(hidden.shape[0]), apply(hidden, *rest))[1])
+    monkeypatch.setattr(fast.args, "lm_head_implementation", implementation)
     results = {}
     for labelled_only in (True, False):
         monkeypatch.setattr(fast.args, "lm_head_labelled_only", labelled_only)
         fast.model.zero_grad()
         loss = fast.compute_loss(fast.model, dict(batch), num_items_in_batch=items)
         loss.backward()
-        assert trl_utils._use_triton is decide  # TRL's own choice is back after the call
+        assert trl_utils._use_triton is decide and trl_utils._ChunkedLogProbFunction is kernel  # TRL's own after
         results[labelled_only] = loss.detach(), {n: p.grad.detach().clone() for n, p in
                                                  fast.model.named_parameters() if p.requires_grad}
         fast.model.zero_grad()
@@ -179,6 +182,33 @@ def test_lm_head_over_labelled_positions_only_gives_the_same_loss_and_gradients(
     assert all(g.norm() > 0 for n, g in grads_a.items() if "lora_" in n)
 
 
+def test_log_softmax_scoring_equals_trls_tiles_in_every_output_and_gradient():
+    """`LogSoftmaxLogProbs` against TRL's own `ChunkedLogProbFunction` on the same inputs, with a temperature,
+    a logit scale and a soft cap, tiles narrower than the vocabulary: the same five outputs and the same
+    gradient of the hidden states (fp32: equal up to summation order)."""
+    import trl.trainer.utils as trl_utils
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16)
+    weight, bias = torch.randn(101, 16), torch.randn(101)
+    targets = torch.randint(0, 101, (37,))
+    targets[0] = int((hidden[0] @ weight.T + bias).argmax())  # one position whose target is the argmax
+    every = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    results = []
+    for scorer in (trl_utils._ChunkedLogProbFunction, LogSoftmaxLogProbs):
+        h = hidden.clone().requires_grad_()
+        out = scorer.apply(h, weight, bias, targets, 0.7, 32, 30.0, 1.3, every)
+        (grad,) = torch.autograd.grad(out[0].sum(), h)
+        results.append((out, grad))
+    (trl_out, trl_grad), (ours, our_grad) = results
+    for name, a, b in zip(every, trl_out, ours):
+        if name == "is_top1":
+            assert torch.equal(a, b) and bool(b[0]), name
+        else:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (name, float((a - b).abs().max()))
+    assert torch.allclose(trl_grad, our_grad, rtol=1e-5, atol=1e-5)  # both hold their statistics in fp32
+
+
 def test_a_trl_without_the_switch_is_reported(tmp_path, monkeypatch, caplog):
     """Should TRL drop `trl.trainer.utils._use_triton`, the trainer says that `lm_head_labelled_only` no longer
     acts (the loss stays TRL's), rather than saying nothing."""
@@ -189,7 +219,7 @@ def test_a_trl_without_the_switch_is_reported(tmp_path, monkeypatch, caplog):
     monkeypatch.delattr(trl_utils, "_use_triton")
     with caplog.at_level(logging.WARNING, logger="tinyllama_ft.train"):
         _build({}, tmp_path)
-    assert "has no trl.trainer.utils._use_triton: lm_head_labelled_only=True has no effect" in caplog.text
+    assert "lm_head_labelled_only=True and lm_head_implementation=auto have no effect" in caplog.text
 
 
 def test_rows_never_attend_to_each_other_in_a_padding_free_batch(trainers):

@@ -176,6 +176,14 @@ class Config(SFTConfig):
                   "add nothing to the loss or its gradients. TRL does so only on CUDA/XPU with Triton. False "
                   "scores every position, like the seed."},
     )
+    lm_head_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto | trl: how the LM head scores its positions in training. auto (default): TRL's "
+                  "tiled kernel where Triton runs (CUDA, XPU); elsewhere (CPU, MPS) one matrix product and torch's "
+                  "log_softmax, with the same loss and gradients and about twice the speed of TRL's torch "
+                  "fallback (tinyllama_ft/lm_head.py). trl: TRL's tiles on every device.",
+                  "choices": ["auto", "trl"]},
+    )
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (fused AdamW by default)."})
     gradient_checkpointing: str = field(
         default="auto",

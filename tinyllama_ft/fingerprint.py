@@ -8,7 +8,8 @@ schedule; the batch (per device, accumulation, processes); the precision; the se
 Free to change (they cannot alter what is learned; the new values apply from the resumed step on and are
 what `run_config.json` records): logging_steps, eval_steps, eval_strategy, save_steps, save_total_limit,
 per_device_eval_batch_size, num_generate, max_new_tokens, report_to, disable_tqdm, log_level,
-gradient_checkpointing, lm_head_labelled_only, tokenization_cache, dataloader_num_workers."""
+gradient_checkpointing, lm_head_labelled_only, lm_head_implementation, tokenization_cache,
+dataloader_num_workers."""
 
 from __future__ import annotations
 

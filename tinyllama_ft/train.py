@@ -7,7 +7,6 @@ command line, the notebook one a cell. The data stage is `data.prepare_data`, th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -17,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import trl.trainer.utils as trl_utils
 from transformers import TrainerCallback, set_seed
 from transformers.trainer import rotate_checkpoints
 from trl import SFTTrainer
@@ -26,6 +24,7 @@ from .config import Config
 from .precision import compute_dtype
 from .data import Data, prepare_data
 from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
+from .lm_head import has_switches, lm_head_scoring
 from .memory import decide_checkpointing
 from .modeling import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
 from .files import write_json
@@ -52,30 +51,11 @@ def setup_model(config: Config, tokenizer=None):
     return model
 
 
-@contextlib.contextmanager
-def lm_head_positions(labelled_only: bool):
-    """Within this block, TRL's fused LM head scores only the labelled positions (`labelled_only`)
-    or every position, on every device.
-
-    TRL decides it per call with `trl.trainer.utils._use_triton(device)`: labelled positions only on
-    CUDA/XPU with Triton, every position elsewhere (to keep tile shapes fixed for XLA/Neuron). On CPU
-    that spends most of a small model's step on prompt and padding positions, whose scores are zeroed
-    afterwards: the loss and its gradients are the same either way (tests/test_packing.py)."""
-    if not hasattr(trl_utils, "_use_triton"):  # another TRL decides for itself (Trainer warns once)
-        yield
-        return
-    decide = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: labelled_only
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = decide
-
-
 class Trainer(SFTTrainer):
     """TRL's SFTTrainer with three changes:
 
-    * the LM head scores the positions `lm_head_labelled_only` says, on every device (`lm_head_positions`);
+    * the LM head scores the positions `lm_head_labelled_only` says, on every device, the way
+      `lm_head_implementation` says (`lm_head.lm_head_scoring`);
     * the validation loss it logs is `evaluate_loss`'s token-weighted response loss, the same
       number as before and after training (the stock one averages per-batch means);
     * checkpoints appear only when complete: each is written to a hidden `.tmp-checkpoint-N`
@@ -84,14 +64,16 @@ class Trainer(SFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not hasattr(trl_utils, "_use_triton"):
+        if not has_switches():
             import trl
 
-            log.warning("TRL %s has no trl.trainer.utils._use_triton: lm_head_labelled_only=%s has no effect "
-                        "(same loss, maybe slower on CPU)", trl.__version__, self.args.lm_head_labelled_only)
+            log.warning("TRL %s has no trl.trainer.utils._use_triton or _ChunkedLogProbFunction: "
+                        "lm_head_labelled_only=%s and lm_head_implementation=%s have no effect (same loss, maybe "
+                        "slower on CPU)", trl.__version__, self.args.lm_head_labelled_only,
+                        self.args.lm_head_implementation)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with lm_head_positions(self.args.lm_head_labelled_only):
+        with lm_head_scoring(self.args.lm_head_labelled_only, self.args.lm_head_implementation):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
