@@ -82,6 +82,7 @@ def stopping_run() -> Path:
 
     model = _TMP / "random-llama"
     _prepare(dict(folder=str(model), model=BENCH_PRESETS["cpu"]["model"], device="cpu"))
+    shutil.copy(asset("tinyllama-tokenizer/tokenizer.model"), model)  # as a hub download has it, for the GGUF
     rows = [json.loads(line) for line in open(asset("dolly/dolly-sample-1109.jsonl"), encoding="utf-8")]
     data = _TMP / "dolly-categories.jsonl"
     data.write_text("".join(json.dumps(dict(r, response=r["category"].replace("_", " "))) + "\n" for r in rows),
