@@ -297,6 +297,44 @@ def test_llama_cpp_server_answers_like_generate_through_the_openai_client(tmp_pa
     assert "training context overflow" not in log.read_text()
 
 
+# --- transformers chat: HF's own terminal client against serve ----------------------------------------------------
+
+@pytest.mark.slow
+@RUNS
+def test_transformers_chat_against_serve_answers_like_generate_with_its_own_flags(tmp_path, run):
+    """`transformers chat MODEL URL max_new_tokens=5 do_sample=False`, typed into from a pipe: it first asks the
+    server to load the model (`POST /load_model`, transformers serve's endpoint), sends its flags as the request's
+    `generation_config`, and saves the chat with `!save`. Its answer is generate's with the same budget: the flags
+    win over serve's own "room the context leaves" default. The client refuses to reach even 127.0.0.1 while
+    HF_HUB_OFFLINE=1 is set (huggingface_hub's request hook), so it runs without it."""
+    exports = consumer_exports(run)
+    messages = next(m for m in consumer_prompts() if len(m) == 1 and "\n" not in m[0]["content"])
+    budget = 5
+    expected = generate(*exports["model"], messages, max_new_tokens=budget, progress=False)
+    name = exports["run"].name
+    port, log = free_port(), tmp_path / "serve.log"
+    server = subprocess.Popen([sys.executable, "-m", "tinyllama_ft", "serve", "--adapter", str(exports["run"]),
+                               "--port", str(port)], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/v1/models", server, log)
+        typed = [messages[0]["content"]] + ([] if expected["ended"] else ["n"]) + ["!save", "!exit"]  # n: no "continue"
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        client = subprocess.run([str(Path(sys.executable).parent / "transformers"), "chat", name,
+                                 f"http://127.0.0.1:{port}", f"max_new_tokens={budget}", "do_sample=False",
+                                 "--save-folder", str(tmp_path / "saved")], input="\n".join(typed) + "\n",
+                                capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    finally:
+        stop(server)
+    assert client.returncode == 0, client.stdout[-2000:] + client.stderr[-2000:]
+    (saved,) = (tmp_path / "saved" / name).glob("chat_*.json")
+    chat = json.loads(saved.read_text())
+    assert chat["settings"]["config"]["max_new_tokens"] == budget
+    assert chat["chat_history"][0] == messages[0]
+    answer = chat["chat_history"][1]["content"]
+    print(f"transformers chat, {run} run: {answer!r}; generate: {expected['text']!r} (ended in EOS: {expected['ended']})")
+    assert answer.strip() == expected["text"] and len(chat["chat_history"]) == 2
+
+
 # --- (c) llama.cpp's own llama-server -----------------------------------------------------------------------------
 
 def llama_server_binary() -> Path:

@@ -36,6 +36,13 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class LoadModelRequest(BaseModel):
+    """`POST /load_model`, which `transformers chat` sends before its first message (transformers serve's
+    endpoint): the model it names must be the one served."""
+    model_config = ConfigDict(extra="allow")  # transformers serve reads only `model`
+    model: str
+
+
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat completion request this server honours."""
 

@@ -32,7 +32,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from .api import ChatCompletionRequest, add_error_handlers, check_turns
+from .api import ChatCompletionRequest, LoadModelRequest, add_error_handlers, check_turns
 from .batching import serving_cache_config
 from .chat_template import PROBES
 from .encoding import encode_prompt
@@ -93,7 +93,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
     generates on its own, one after another (benchmarks/serve_load.py measures both)."""
     try:
         from fastapi import FastAPI, HTTPException, Request
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import JSONResponse, StreamingResponse
         from transformers.cli.serving.chat_completion import ChatCompletionHandler
         from transformers.cli.serving.model_manager import ModelManager
         from transformers.cli.serving.utils import GenerationState
@@ -158,11 +158,14 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
     app = FastAPI(title="tinyllama-ft serve", version="1", lifespan=lifespan)
     add_error_handlers(app)
 
+    def refuse_other(model: str | None) -> None:
+        if model is not None and model != name:
+            raise HTTPException(status_code=404, detail=f"model {model!r} is not served here: use {name!r} "
+                                "(GET /v1/models)")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest):
-        if body.model is not None and body.model != name:
-            raise HTTPException(status_code=404, detail=f"model {body.model!r} is not served here: use {name!r} "
-                                "(GET /v1/models)")
+        refuse_other(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
@@ -179,6 +182,13 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
         asked = requested_max_new_tokens(body.model_dump(exclude_none=True)) or max_new_tokens
         fields |= {"messages": messages, "model": name, "max_tokens": min(asked, room, max_new_tokens)}
         return await handler.handle_request(fields, request.state.request_id)
+
+    @app.post("/load_model")
+    async def load_model(body: LoadModelRequest):
+        """As transformers serve answers it (one server-sent event), for `transformers chat`: the model is loaded."""
+        refuse_other(body.model)
+        event = json.dumps({"status": "ready", "model": name, "cached": True})
+        return StreamingResponse(iter([f"data: {event}\n\n"]), media_type="text/event-stream")
 
     @app.get("/v1/models")
     def list_models():
