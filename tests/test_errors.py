@@ -87,6 +87,7 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
     # --- third round: layers LoRA cannot adapt, folders of the user's own files ---
     (["--lora_target_modules", "input_layernorm"], "input_layernorm is a LlamaRMSNorm, which LoRA cannot adapt"),
     (["--lora_target_modules", "embed_tokens", "norm"], "norm is a LlamaRMSNorm, which LoRA cannot adapt"),
+    (["--lora_target_modules", "q_proj", "lm_head"], "lm_head is the LM head, whose weight TRL's loss reads directly"),
     (["--output_dir", "{tmp}/users_folder"], "holds files this project did not write (notes.txt, photo.png)"),
     (["--output_dir", "{tmp}/users_readme"], "holds files this project did not write (README.md)"),
     (["--overwrite_output_dir", "true", "--output_dir", "{tmp}/users_readme"], "holds files this project did not"),

@@ -136,10 +136,17 @@ def _check_targets(model, target_modules) -> None:
     if missing:
         raise UserError(f"the model has no module named {', '.join(missing)}: choose lora_target_modules "
                         f"among {', '.join(linear)} (or all-linear)")
+    head = model.get_output_embeddings()
+    head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head and n}
+    linear = [n for n in linear if n not in head_names]
     unfit = [m for m in target_modules if not issubclass(kinds[m], (torch.nn.Linear, torch.nn.Embedding))]
     if unfit:
         raise UserError(f"{unfit[0]} is a {kinds[unfit[0]].__name__}, which LoRA cannot adapt: choose "
                         f"lora_target_modules among {', '.join(linear)} (or all-linear)")
+    on_head = [m for m in target_modules if m in head_names]
+    if on_head:  # TRL's SFTTrainer refuses it too, but with a traceback after the model has loaded
+        raise UserError(f"{on_head[0]} is the LM head, whose weight TRL's loss reads directly, so a LoRA adapter "
+                        f"on it would never train: choose lora_target_modules among {', '.join(linear)} (or all-linear)")
 
 
 def count_parameters(model) -> tuple[int, int]:
