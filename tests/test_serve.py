@@ -3,6 +3,7 @@ included, which `transformers serve` alone omits), refuses special-token text, a
 or not, exactly what `generate` answers; tested through the real command line and a real HTTP client."""
 
 import copy
+import json
 import socket
 import subprocess
 import sys
@@ -226,9 +227,24 @@ def test_max_tokens_is_capped_by_the_server_and_the_context(tiny_app):
 
 def test_the_schema_lists_only_what_is_served(tiny_app):
     schema = tiny_app.get("/openapi.json").json()
-    assert sorted(schema["paths"]) == ["/health", "/v1/chat/completions", "/v1/models"]  # no /reset, /load_model
+    # no /reset; /load_model because `transformers chat` asks it first (tests/test_consumers.py drives that client)
+    assert sorted(schema["paths"]) == ["/health", "/load_model", "/v1/chat/completions", "/v1/models"]
     request = schema["components"]["schemas"]["ChatCompletionRequest"]
     assert request["required"] == ["messages"] and request["additionalProperties"] is False
+
+
+def test_load_model_says_the_served_model_is_ready_and_refuses_another(tiny_app):
+    """As transformers serve answers `POST /load_model`: one server-sent `ready` event for the model served; any
+    other name is a 404 naming the one served, like a chat completion for it."""
+    ready = tiny_app.post("/load_model", json={"model": "tiny"})
+    assert ready.status_code == 200 and ready.headers["content-type"].startswith("text/event-stream")
+    assert [json.loads(line[6:]) for line in ready.text.splitlines() if line] == [
+        {"status": "ready", "model": "tiny", "cached": True}]
+    other = tiny_app.post("/load_model", json={"model": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"})
+    assert other.status_code == 404
+    assert other.json()["error"]["message"] == ("model 'TinyLlama/TinyLlama-1.1B-Chat-v1.0' is not served here: use "
+                                                "'tiny' (GET /v1/models)")
+    assert tiny_app.post("/load_model", json={}).status_code == 422
 
 
 def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
