@@ -262,3 +262,20 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
     assert "is not an address of this machine" in capsys.readouterr().err
     assert main(["serve", "--adapter", str(tmp_path), "--request_timeout", "0"]) == 2
     assert "--request_timeout > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("found", ["5.23.0", "5.25.0", "6.0.0"])
+def test_serve_refuses_a_transformers_it_was_not_written_for_in_one_line_before_loading(tmp_path, capsys, monkeypatch,
+                                                                                        found):
+    """serve subclasses transformers' server, private API that 5.25 rewrote (tests above fail there with a TypeError
+    deep in the start-up): another version is one line naming the install that works, before the model loads."""
+    import transformers
+
+    from tinyllama_ft.cli import main
+
+    run = stories_run()
+    monkeypatch.setattr(transformers, "__version__", found)
+    assert main(["serve", "--adapter", str(run), "--port", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: serve needs transformers 5.24 (its server's API changed in 5.25), found {found}: "
+        "pip install 'transformers[serving]>=5.24,<5.25'"]

@@ -45,6 +45,20 @@ DEFAULT_MAX_TOKENS = 1024  # transformers serve's default answer budget
 DEFAULT_TIMEOUT_S = 300.0  # the longest a request may generate
 
 
+SERVER_REQUIREMENT = "transformers[serving]>=5.24,<5.25"  # as pyproject.toml's serve extra
+
+
+def check_server_version() -> None:
+    """Refuse, in one line, a transformers whose server is not the one `build_app` subclasses: its handler and model
+    manager are private API, and 5.25 rewrote them (`ModelManager(device=...)`, `_build_generation_config` gone)."""
+    import transformers
+    from packaging.version import Version
+
+    if not Version("5.24") <= Version(transformers.__version__) < Version("5.25"):
+        raise UserError(f"serve needs transformers 5.24 (its server's API changed in 5.25), found "
+                        f"{transformers.__version__}: pip install {SERVER_REQUIREMENT!r}")
+
+
 def check_prompt_ids(tokenizer) -> None:
     """Raise unless `tokenizer`, called as transformers' server calls it, gives `encode_prompt`'s ids: its chat
     template must write the BOS (the saved template does, `chat_template.add_bos_to_template`)."""
@@ -91,6 +105,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
     `continuous_batching`: requests that arrive together share the model's steps (`transformers serve
     --continuous-batching`'s machinery: a paged cache, finished answers leave at once); off, each request
     generates on its own, one after another (benchmarks/serve_load.py measures both)."""
+    check_server_version()
     try:
         from fastapi import FastAPI, HTTPException, Request
         from fastapi.responses import JSONResponse, StreamingResponse
@@ -98,7 +113,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
         from transformers.cli.serving.model_manager import ModelManager
         from transformers.cli.serving.utils import GenerationState
     except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
-        raise UserError(f"serve needs transformers' server ({error}): pip install 'transformers[serving]>=5.24,<6'") from None
+        raise UserError(f"serve needs transformers' server ({error}): pip install {SERVER_REQUIREMENT!r}") from None
 
     check_prompt_ids(tokenizer)  # transformers' server renders the saved template itself
 
@@ -249,7 +264,8 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, max_new_tokens
     if max_new_tokens < 1 or not 0 < request_timeout_s < float("inf"):
         raise UserError(f"need --max_new_tokens >= 1 and --request_timeout > 0 seconds, got {max_new_tokens} and "
                         f"{request_timeout_s}")
-    check_port_free(host, port)  # before the model loads, which can take minutes
+    check_server_version()  # these two before the model loads, which can take minutes
+    check_port_free(host, port)
     app, name = app_for(folder, max_new_tokens, request_timeout_s, continuous_batching)
     log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
              folder, name, host, port)
