@@ -124,7 +124,7 @@ def test_serve_with_continuous_batching_answers_concurrent_requests_like_generat
     greedy answer (the server's cache sized for 8 whole contexts, not for the machine's RAM)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from openai import OpenAI
+    from openai import BadRequestError, OpenAI
 
     run = stories_run()
     port, log = free_port(), tmp_path / "serve.log"
@@ -138,6 +138,10 @@ def test_serve_with_continuous_batching_answers_concurrent_requests_like_generat
         questions = ["Name three primes.", "Why is the sky blue?", "What is a cat?", "Tell me a story."]
         expected = generate(model, tokenizer, questions, max_new_tokens=16, batching="static", progress=False)
         client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+        # the first request's sampling settings would become every later request's (transformers 5.24): refused
+        with pytest.raises(BadRequestError, match="cannot honour temperature=1.3"):
+            client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": questions[0]}],
+                                           max_tokens=16, temperature=1.3)
         ask = lambda q: client.chat.completions.create(  # noqa: E731
             model=run.name, messages=[{"role": "user", "content": q}], max_tokens=16).choices[0].message.content
         with ThreadPoolExecutor(4) as pool:
@@ -279,3 +283,33 @@ def test_serve_refuses_a_transformers_it_was_not_written_for_in_one_line_before_
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: serve needs transformers 5.24 (its server's API changed in 5.25), found {found}: "
         "pip install 'transformers[serving]>=5.24,<5.25'"]
+
+
+@pytest.mark.parametrize("body, refused", [
+    ({"temperature": 0.8}, "temperature=0.8"),
+    ({"temperature": 0.8, "top_p": 0.5}, "temperature=0.8, top_p=0.5"),
+    ({"generation_config": '{"repetition_penalty": 1.3}'}, "repetition_penalty=1.3"),
+    ({"generation_config": '{"do_sample": true}'}, "do_sample=True"),
+    ({"temperature": 0}, None), ({"top_p": 0.5}, None), ({"max_tokens": 3}, None), ({}, None)])
+def test_continuous_batching_refuses_settings_it_would_share_and_answers_the_rest_greedily(body, refused):
+    """transformers 5.24's continuous batching decodes every request with the first request's settings (a sampled
+    first request would make every later greedy request sample): such settings get 400 naming them; what it sets per
+    request (the budget) and sampling knobs of a greedy request are answered, greedily, as `generate` answers."""
+    from fastapi.testclient import TestClient
+
+    from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
+    from tinyllama_ft.serve import build_app
+
+    model, tokenizer = build_tiny_model().eval(), build_tiny_tokenizer()
+    with TestClient(build_app(model, tokenizer, "tiny", max_new_tokens=6, continuous_batching=True),
+                    raise_server_exceptions=False) as client:
+        answer = client.post("/v1/chat/completions", json={"messages": HI, **body})
+        if refused:
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["message"] == (
+                f"serve --continuous_batching decodes every request alike (greedy, with the model's settings) and "
+                f"cannot honour {refused}: send the request without it, or serve without --continuous_batching")
+        else:
+            assert answer.status_code == 200, answer.text
+            expected = generate(model, tokenizer, [HI], max_new_tokens=body.get("max_tokens", 6), progress=False)
+            assert answer.json()["choices"][0]["message"]["content"] == expected[0]["text"]

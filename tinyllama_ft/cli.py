@@ -221,8 +221,8 @@ def cmd_serve(args: list[str]) -> None:
     parser.add_argument("--request_timeout", type=float, default=300.0, help="seconds a request may generate")
     parser.add_argument("--continuous_batching", action="store_true",
                         help="let requests that arrive together share the model's steps (transformers' continuous "
-                        "batching: every request gets the first request's sampling settings, and --request_timeout "
-                        "does not apply); default: one request after another")
+                        "batching: answers are greedy, a request that sets sampling settings gets HTTP 400, and "
+                        "--request_timeout does not apply); default: one request after another")
     opts = _parse(parser, args)
     from .serve import serve
 

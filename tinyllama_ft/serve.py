@@ -86,6 +86,24 @@ def requested_max_new_tokens(body: dict) -> int | None:
     return config.get("max_new_tokens") if isinstance(config, dict) else None
 
 
+PER_REQUEST = ("max_new_tokens", "eos_token_id", "max_time", "use_cache")  # what continuous batching sets per request
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # moot when greedy
+
+
+def shared_settings_asked(config, greedy) -> list[str]:
+    """The generation settings of a request's `config` (`name=value`) that differ from `greedy`, a plain request's:
+    transformers 5.24's continuous batching takes them from the first request for every request after it (its
+    `CBGenerateManager.init_cb`), so a server that batches continuously must refuse them. Sampling knobs of a
+    request that does not sample change nothing and are not listed."""
+    mine, plain = config.to_dict(), greedy.to_dict()
+    sampling = bool(mine.get("do_sample"))
+    skip = {*PER_REQUEST, "do_sample", "transformers_version", *(() if sampling else SAMPLING)}
+    asked = [f"{key}={mine[key]!r}" for key in sorted(mine) if key not in skip and mine[key] != plain.get(key)]
+    if not asked and sampling != bool(plain.get("do_sample")):  # do_sample alone (a generation_config's)
+        asked = [f"do_sample={sampling!r}"]
+    return asked
+
+
 def merged_generation_config(request_config, model_config) -> str:
     """The request's generation settings over the model's: what the request sets wins, the rest (EOS, pad,
     greedy decoding) stays the model's. JSON text, as transformers' server reads the field."""
@@ -141,6 +159,14 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
             if float(body.get("temperature") or 0) > 0:
                 config.do_sample = True  # transformers keeps the model's do_sample (False): greedy at any temperature
             config.max_time = request_timeout_s  # a request is bounded in time, whatever it asks
+            if use_cb:
+                greedy = super()._build_generation_config({}, model_generation_config, use_cb=True)
+                asked = shared_settings_asked(config, greedy)
+                if asked:
+                    raise HTTPException(status_code=400, detail=(
+                        f"serve --continuous_batching decodes every request alike (greedy, with the model's settings) "
+                        f"and cannot honour {', '.join(asked)}: send the request without it, or serve without "
+                        "--continuous_batching"))
             return config
 
         def _build_completion(self, request_id, content, *args, **kwargs):
