@@ -5,6 +5,7 @@ messages contradict each other.
 Each interrupted run is stopped at a known point: `pause_probe.py` runs the real command line and
 waits at that point for the signal, so no test races a fast run."""
 
+import json
 import re
 import shutil
 import signal
@@ -95,7 +96,14 @@ def test_a_stopped_run_finishes_with_the_same_adapter(stage, signum, resumable, 
     if resumable:  # the same command says what to add, and with it the run finishes
         assert main(["train", *RUN, "--output_dir", str(out)]) == 2
         assert "unfinished run: pass --resume_from_checkpoint true" in capsys.readouterr().err
+        newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        state = json.loads((newest / "trainer_state.json").read_text())
         train(out, *RESUME)
+        metrics = json.loads((out / "metrics.json").read_text())  # what this command did, of the run's 8 steps
+        assert (metrics["train_steps"], metrics["train_steps_run"]) == (8, 8 - state["global_step"])
+        if metrics["train_steps_run"]:  # this command's tokens over this command's time, not the run's
+            assert metrics["train_tokens_per_second"] * metrics["train_runtime"] == pytest.approx(
+                metrics["train_tokens"] - state["num_input_tokens_seen"])
     elif stage == "base-evaluation":  # nothing to lose; asking to resume just starts, and says so
         assert "no checkpoint in" in train(out, *RESUME)
     else:  # nothing to lose: the same command simply runs again
@@ -105,6 +113,26 @@ def test_a_stopped_run_finishes_with_the_same_adapter(stage, signum, resumable, 
     assert resumed.keys() == reference.keys()
     for name in reference:
         assert (resumed[name] - reference[name]).abs().max() <= 1e-6, name
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_last_checkpoint_trains_no_step_more(tmp_path):
+    """Stopped in its final evaluation, a run resumes from the checkpoint of its last step. transformers alone then
+    trains a 9th step of the 8 (with a constant learning rate, an adapter 1e-3 away from the uninterrupted run's);
+    here nothing more is trained, the adapter is the uninterrupted run's and metrics.json says what happened."""
+    constant = ("--lr_scheduler_type", "constant")
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    train(reference, *constant)
+    stop_at("final-evaluation", signal.SIGKILL, out, tmp_path, *constant)
+    err = train(out, *constant, *RESUME)
+    assert f"{out / 'checkpoint-8'} is the run's last step (8): nothing is left to train" in err
+    expected, resumed = adapter(reference), adapter(out)
+    assert max((resumed[name] - expected[name]).abs().max() for name in expected) <= 1e-6
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["train_steps"], metrics["train_steps_run"]) == (8, 0)
+    assert metrics["train_loss"] is None and metrics["train_tokens_per_second"] is None
+    assert metrics["train_tokens"] == json.loads((reference / "metrics.json").read_text())["train_tokens"]
+    assert not (out / "checkpoint-9").exists()
 
 
 def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
