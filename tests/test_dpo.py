@@ -5,6 +5,7 @@ soon), the held-out metrics, recomputed by hand, resume after a kill, the two re
 peak memory side by side, bad inputs in one line, and the DPO run folder used by generate and export."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, asset
 from runs import cli, stories_run
@@ -309,6 +310,20 @@ def test_a_killed_dpo_run_resumes_to_the_same_adapter(tmp_path):
             process.wait()
     assert process.returncode == 130 and "--resume_from_checkpoint true" in err.strip().splitlines()[-1]
     assert (out / f"checkpoint-{SAVE}").is_dir() and not (out / "metrics.json").exists()
+    # another DPO run than the checkpoint's is refused before the model loads, naming every change
+    other_sft = tmp_path / "sft-retrained"
+    shutil.copytree(stories_run(), other_sft)
+    weights = load_file(other_sft / "adapter_model.safetensors")
+    save_file({name: tensor + 1e-3 for name, tensor in weights.items()}, other_sft / "adapter_model.safetensors")
+    for changed, refusal in ((["--beta", "0.2"], "beta 0.1 -> 0.2"),
+                             (["--learning_rate", "1e-3"], "learning_rate 0.003 -> 0.001"),
+                             (["--adapter", str(other_sft)], "the SFT adapter (its weights changed)")):
+        result = subprocess.run([sys.executable, "-m", "tinyllama_ft", *args, *changed, "--resume_from_checkpoint",
+                                 "true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: checkpoint-{SAVE} is another run than this command's: {refusal}: resume with the checkpoint's "
+            "settings, or start over with --overwrite_output_dir true")
     cli(*args, "--resume_from_checkpoint", "true")
     resumed, reference = load_file(out / "adapter_model.safetensors"), load_file(dpo_run()["out"] / "adapter_model.safetensors")
     assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from .precision import set_precision
 from .config_sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
 from .errors import UserError
 from .preference_data import parse_pair_columns
+from .run_folder import StagedCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -269,14 +269,15 @@ def load_policy(config: DpoConfig):
     return model
 
 
-class DpoTrainer(DPOTrainer):
+class DpoTrainer(StagedCheckpoints, DPOTrainer):
     """TRL's DPOTrainer with three changes:
 
     * it takes rows already encoded by `preference_data.encode_pair` (`prompt_ids`, `chosen_ids`,
       `rejected_ids`) as they are: TRL 1.16 would re-tokenize them from text;
     * the frozen `ref` adapter is not written into checkpoints or the run folder (it is the SFT adapter,
       which the SFT run folder already holds; a resumed run copies it again from there);
-    * checkpoints appear only when complete (written to `.tmp-checkpoint-N`, then renamed), as SFT's."""
+    * checkpoints appear only when complete (written to `.tmp-checkpoint-N`, then renamed), with what defines the
+      run (`fingerprint.DPO_DEFINING`, compared on resume) and its settings, as SFT's (`StagedCheckpoints`)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
@@ -286,23 +287,6 @@ class DpoTrainer(DPOTrainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         shutil.rmtree(Path(output_dir or self.args.output_dir) / "ref", ignore_errors=True)
-
-    def _save_checkpoint(self, model, trial):
-        from transformers.trainer import rotate_checkpoints
-
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"checkpoint-{self.state.global_step}"
-        staging = os.path.join(run_dir, f".tmp-{name}")
-        self._get_output_dir = lambda trial=None: staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        if self.args.should_save:
-            os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
-            shutil.rmtree(staging)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def create_model_card(self, *args, **kwargs):  # the run folder gets tinyllama-ft's card (dpo_card.py)
         return None
@@ -321,7 +305,8 @@ def build_dpo_trainer(config: DpoConfig, model, tokenizer, pairs, folder=None) -
 
 def train_dpo(config: DpoConfig) -> dict:
     """The whole DPO stage; writes `config.output_dir` and returns its metrics."""
-    from .run_folder import check_output_dir, finish_run, save_run, training_folder
+    from .fingerprint import DPO_DEFINING, PAIR_KEYS, check_resume, file_hash, fingerprint
+    from .run_folder import check_output_dir, finish_run, resume_path, save_run, training_folder
     from .modeling import load_tokenizer
     from .preference_data import prepare_pairs
     from .preference_eval import evaluate_stage, load_sft_validation, summarize_dpo
@@ -337,12 +322,17 @@ def train_dpo(config: DpoConfig) -> dict:
     with timings("prepare_data"):
         tokenizer = load_tokenizer(config.adapter)
         pairs = prepare_pairs(config, tokenizer)
+        defining = fingerprint(config, pairs.examples("train"), DPO_DEFINING, PAIR_KEYS,
+                               sft_adapter=file_hash(Path(config.adapter) / "adapter_model.safetensors"))
+        if resume_path(config):  # before the model loads: the checkpoint must continue this very run
+            check_resume(resume_path(config), defining)
         sft_data = load_sft_validation(config, sft_run_config, tokenizer) if config.alignment_eval else None
         log.info("configuration:\n%s", config.to_json())
         log.info("pairs: %s", pairs.stats())
     with timings("load_model"):
         model = load_policy(config)
         trainer = build_dpo_trainer(config, model, tokenizer, pairs, folder)
+        trainer.fingerprint, trainer.run_config = defining, json.loads(config.to_json())  # into each checkpoint
     with timings("evaluate_before"):
         before = evaluate_stage(config, model, tokenizer, pairs, sft_data)
     with timings("train"):

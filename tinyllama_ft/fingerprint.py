@@ -1,7 +1,7 @@
 """What defines a run, written into each checkpoint (`run_fingerprint.json`) and compared when a run
 resumes: a resumed run continues the same run, or is refused in one line naming every changed setting.
 
-Defining (a change is refused): the model; the data (a hash of the training rows' token ids and labels,
+Defining (a change is refused; a DPO stage's list is `DPO_DEFINING`): the model; the data (a hash of the training rows' token ids and labels,
 in order, and the settings that choose and format them); the LoRA shape and targets; the optimizer and
 schedule; the batch (per device, accumulation, processes); the precision; the seed.
 
@@ -32,20 +32,44 @@ DEFINING = ("model_name_or_path", "dataset_name", "dataset_config", "dataset_spl
             "max_steps", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
             "max_grad_norm", "label_smoothing_factor", "neftune_noise_alpha", "per_device_train_batch_size",
             "gradient_accumulation_steps", "padding_free", "packing")
+# A DPO stage (dpo.py): its SFT adapter (`sft_adapter`, a hash of its weights: the policy's start and the
+# reference), its pairs, DPO's loss and the same optimizer, schedule, batch, precision and seed.
+DPO_DEFINING = ("model_name_or_path", "dataset_name", "dataset_config", "dataset_split", "columns", "system_prompt",
+                "train_size", "eval_size", "max_length", "seed", "data_seed", "precision", "beta", "loss_type",
+                "label_smoothing", "loss_weights", "ld_alpha", "use_weighting", "f_divergence_type",
+                "f_alpha_divergence_coef", "discopop_tau", "precompute_ref_log_probs", "sync_ref_model",
+                "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "num_train_epochs",
+                "max_steps", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps")
+ROW_KEYS = ("input_ids", "labels")  # an SFT row as the model sees it; a DPO pair: PAIR_KEYS
+PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
 CADENCE = ("logging_steps", "eval_steps", "save_steps")  # transformers keeps the checkpoint's; we apply the new
 
 
-def rows_hash(examples: list[dict]) -> str:
-    """sha256 of the training rows as the model sees them (ids and labels, in order)."""
+def rows_hash(examples: list[dict], keys: tuple[str, ...] = ROW_KEYS) -> str:
+    """sha256 of the training rows as the model sees them (their `keys`: ids and labels, in order)."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+        digest.update(json.dumps([example[key] for key in keys]).encode())
     return digest.hexdigest()[:16]
 
 
-def fingerprint(config, train_examples: list[dict]) -> dict:
-    values = {name: _plain(getattr(config, name, None)) for name in DEFINING}
-    return values | {"training_rows": rows_hash(train_examples), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(config, train_examples: list[dict], defining: tuple[str, ...] = DEFINING,
+                keys: tuple[str, ...] = ROW_KEYS, **extra) -> dict:
+    """What defines the run of `config` on `train_examples`: its `defining` settings, `extra` values, a hash of the
+    rows (`rows_hash` of their `keys`) and the number of processes."""
+    values = {name: _plain(getattr(config, name, None)) for name in defining} | extra
+    return values | {"training_rows": rows_hash(train_examples, keys),
+                     "processes": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
 def _plain(value):
@@ -66,11 +90,13 @@ def read_fingerprint(checkpoint: str | Path) -> dict:
                         "--overwrite_output_dir true") from None
 
 
-def check_resume(checkpoint: str, config, train_examples: list[dict]) -> None:
-    """Refuse, in one line naming every change, to resume `checkpoint` with settings that define another run."""
-    saved, now = read_fingerprint(checkpoint), fingerprint(config, train_examples)
-    changed = [f"{name} {_show(saved.get(name))} -> {_show(now[name])}" for name in now
-               if name != "training_rows" and saved.get(name) != now[name]]
+def check_resume(checkpoint: str, now: dict) -> None:
+    """Refuse, in one line naming every change, to resume `checkpoint` with settings that define another run
+    (`now`: this command's `fingerprint`)."""
+    saved = read_fingerprint(checkpoint)
+    changed = [("the SFT adapter (its weights changed)" if name == "sft_adapter" else
+                f"{name} {_show(saved.get(name))} -> {_show(now[name])}")
+               for name in now if name != "training_rows" and saved.get(name) != now[name]]
     if saved.get("training_rows") != now["training_rows"] and not changed:
         changed.append("the training rows (the dataset file changed)")
     elif saved.get("training_rows") != now["training_rows"]:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
 from .validation import refuse
 
 log = logging.getLogger(__name__)

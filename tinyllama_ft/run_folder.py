@@ -16,6 +16,7 @@ from .card import write_card
 from .config import RESUME_NEWEST, wants_resume
 from .errors import UserError
 from .files import finish_replacement, replacement_paths, swap_in, write_json
+from .fingerprint import FILE as FINGERPRINT_FILE
 from .modeling import is_model_folder
 
 log = logging.getLogger(__name__)
@@ -208,3 +209,34 @@ def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: 
         os.replace(staging / name, out / name)
     staging.rmdir()
     return out
+
+
+class StagedCheckpoints:
+    """For a transformers Trainer (SFT's and DPO's): a checkpoint appears only when complete (written to
+    `.tmp-checkpoint-N`, then renamed), holding what defines its run (`fingerprint`, compared on resume) and the
+    run's settings (`run_config`, so that a checkpoint is used like a run folder)."""
+
+    fingerprint: dict | None = None
+    run_config: dict | None = None
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer import rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, f".tmp-{name}")
+        self._get_output_dir = lambda trial=None: staging  # where the parent class writes
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            for file, data in ((FINGERPRINT_FILE, self.fingerprint), ("run_config.json", self.run_config)):
+                if data is not None:
+                    write_json(Path(staging) / name / file, data)
+            os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
+            shutil.rmtree(staging)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()

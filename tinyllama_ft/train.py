@@ -10,14 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, set_seed
-from transformers.trainer import rotate_checkpoints
 from trl import SFTTrainer
 
 from .config import Config
@@ -27,9 +24,8 @@ from .evaluate import evaluate_base, evaluate_loss, evaluate_model, summarize
 from .lm_head import has_switches, lm_head_scoring
 from .memory import decide_checkpointing
 from .modeling import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
-from .files import write_json
-from .fingerprint import FILE as FINGERPRINT_FILE, apply_new_cadence, check_resume, fingerprint
-from .run_folder import check_output_dir, finish_run, resume_path, save_run, training_folder
+from .fingerprint import apply_new_cadence, check_resume, fingerprint
+from .run_folder import StagedCheckpoints, check_output_dir, finish_run, resume_path, save_run, training_folder
 from .timings import Timings, write_timings
 
 log = logging.getLogger(__name__)
@@ -51,7 +47,7 @@ def setup_model(config: Config, tokenizer=None):
     return model
 
 
-class Trainer(SFTTrainer):
+class Trainer(StagedCheckpoints, SFTTrainer):
     """TRL's SFTTrainer with three changes:
 
     * the LM head scores the positions `lm_head_labelled_only` says, on every device, the way
@@ -90,26 +86,6 @@ class Trainer(SFTTrainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.model.train()
         return metrics
-
-    def _save_checkpoint(self, model, trial):
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"checkpoint-{self.state.global_step}"
-        staging = os.path.join(run_dir, f".tmp-{name}")
-        self._get_output_dir = lambda trial=None: staging  # where the parent class writes
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            # what defines the run (compared on resume) and its settings (a checkpoint is used like a run folder)
-            write_json(Path(staging) / name / FINGERPRINT_FILE, self.fingerprint)
-            write_json(Path(staging) / name / "run_config.json", self.run_config)
-            os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
-            shutil.rmtree(staging)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
 
 
 def trainer_config(config: Config, folder: str | Path | None = None) -> Config:
@@ -226,7 +202,7 @@ class Run:
             self.tokenizer = load_tokenizer(self.config.model_name_or_path, self.config.trust_remote_code)
             self.data = prepare_data(self.config, self.tokenizer)
             if resume_path(self.config):  # before the model loads: the checkpoint must continue this very run
-                check_resume(resume_path(self.config), self.config, self.data.examples("train"))
+                check_resume(resume_path(self.config), fingerprint(self.config, self.data.examples("train")))
             log.info("configuration:\n%s", self.config.to_json())  # once known good: bad input shows only its error
             log.info("data: %s", self.data.stats(self.config.max_length))
         return self.data
