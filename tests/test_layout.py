@@ -13,7 +13,7 @@ PACKAGE = ROOT / "tinyllama_ft"
 # Lowest first: a module may import only the modules listed before it.
 LAYERS = ["errors", "files", "timings", "validation", "config_sources", "formats", "memory", "precision", "config", "encoding",
           "data", "preference_data", "chat_template", "modeling", "batching", "tables", "generation", "evaluate",
-          "preference_eval", "card", "run_folder", "fingerprint", "lm_head", "train", "saved_model", "dpo", "export",
+          "preference_eval", "card", "fingerprint", "run_folder", "lm_head", "train", "saved_model", "dpo", "export",
           "gguf_export", "chat", "api", "serve", "plots", "harness", "bench", "bench_worker", "cli", "__main__"]
 MAX_LINES = 400
 

@@ -106,11 +106,18 @@ def _heap_frozen():
 
 @contextlib.contextmanager
 def _quiet():
-    """Continuous batching logs its set-up (cache sizing, warm-up) at warning level: keep it at the debug level."""
-    logger = logging.getLogger("transformers.generation.continuous_batching")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Continuous batching logs its set-up (cache sizing, warm-up, advice on flash attention: 22 lines a `train`)
+    with a handler of its own: within this block only its errors show. transformers 5.24 logs as
+    "ContinuousBatchingLogger", earlier versions under their module's name."""
+    loggers = [logging.getLogger(name) for name in CB_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+CB_LOGGERS = ("ContinuousBatchingLogger", "transformers.generation.continuous_batching")
