@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 from .api import ChatCompletionRequest, LoadModelRequest, add_error_handlers, check_turns
-from .batching import serving_cache_config
+from .batching import CB_LOGGERS, serving_cache_config
 from .chat_template import PROBES
 from .encoding import encode_prompt
 from .errors import UserError
@@ -188,6 +188,9 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
     held: dict[str, dict] = {}  # per streamed request: started, whitespace held back
 
     manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
+    if continuous_batching:  # its set-up and per-batch INFO lines (its own handler): warnings and errors only
+        for logger_name in CB_LOGGERS:
+            logging.getLogger(logger_name).setLevel(logging.WARNING)
     state = GenerationState(continuous_batching=continuous_batching,
                             cb_config=serving_cache_config(model) if continuous_batching else None)
     handler = ChatCompletions(manager, state)
