@@ -117,3 +117,15 @@ def test_errors_exit_non_zero_without_traceback_from_the_shell():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: --lora_r -3: lora_r must be > 0: pass --lora_r 16"
     assert "Traceback" in cli("train", "--lora_r", "-3", "--debug", check=False).stderr
+
+
+def test_a_model_the_hub_cannot_give_is_one_line_naming_the_fix(tmp_path, capsys, monkeypatch):
+    """The README's first command on a machine without the hub (or with a mistyped id): one line, before any data."""
+    from tinyllama_ft.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", "--model_name_or_path", "nobody/no-such-model", "--output_dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not read the model config of 'nobody/no-such-model' (")
+    assert err[0].endswith("): pass --model_name_or_path a local model folder, or a hub id this machine can download")
+    assert not (tmp_path / "r").exists()

@@ -101,7 +101,9 @@ def _shape_model(name_or_path: str, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise UserError(f"could not read the model config of {name_or_path!r}: {str(error).splitlines()[0]}") from None
+        reason = str(error).splitlines()[0].rstrip(".")
+        raise UserError(f"could not read the model config of {name_or_path!r} ({reason}): pass --model_name_or_path a "
+                        "local model folder, or a hub id this machine can download") from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
