@@ -25,11 +25,14 @@ def resolve_precision(precision: str) -> str:
 
 def set_precision(args, precision: str) -> None:
     """Resolve `precision` onto training arguments `args` with transformers' `bf16`/`fp16` to match; bf16 on a
-    CPU-only machine also sets `use_cpu`, without which transformers refuses bf16 there."""
+    CPU-only machine also sets `use_cpu`, without which transformers refuses bf16 there. Without a GPU the data
+    loader pins no memory (there is nothing to pin it for: torch warns at every epoch otherwise)."""
     args.precision = resolve_precision(precision)
     args.bf16, args.fp16 = args.precision == "bf16", args.precision == "fp16"
     if args.bf16 and not torch.cuda.is_available() and not torch.backends.mps.is_available():
         args.use_cpu = True
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False
 
 
 def compute_dtype(config) -> torch.dtype:
