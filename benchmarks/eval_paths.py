@@ -8,7 +8,7 @@ same forced stopping pattern (`forced_stops`: answers of realistic, long-tailed 
 
 Run from the repository root. Each path times what `evaluate_base` + `evaluate_model` do: the validation loss
 (with `eos_logprob`) and greedy generation, for the base and the fine-tuned model, in a subprocess of its own
-(`tinyllama_ft.bench_worker`); the model is `bench`'s (a random Llama on the real TinyLlama tokenizer).
+(`tinyllama_ft.bench.worker`); the model is `bench`'s (a random Llama on the real TinyLlama tokenizer).
 Not part of the package: users benchmark training with `python -m tinyllama_ft bench`.
 """
 
@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tinyllama_ft.bench import BENCH_PRESETS, _run_worker, bench_dataset
-from tinyllama_ft.bench_worker import _prepare, _worker
+from tinyllama_ft.bench.compare import BENCH_PRESETS, _run_worker, bench_dataset
+from tinyllama_ft.bench.worker import _prepare, _worker
 from tinyllama_ft.errors import ArgParser, UserError
 
 MODULE = "benchmarks.eval_paths"  # what the worker processes run (`__name__` is "__main__" under `python -m`)
@@ -118,12 +118,12 @@ def _evaluate(spec: dict) -> dict:
     interleaved `repeat` times; per path the fastest run, and how far its numbers are from the other's."""
     import torch
 
-    from tinyllama_ft.config import parse_config
-    from tinyllama_ft.data import prepare_data
-    from tinyllama_ft.evaluate import evaluate_loss
-    from tinyllama_ft.generation import generate
-    from tinyllama_ft.modeling import load_tokenizer
-    from tinyllama_ft.train import setup_model
+    from tinyllama_ft.settings.config import parse_config
+    from tinyllama_ft.data.prepare import prepare_data
+    from tinyllama_ft.evaluation.dolly import evaluate_loss
+    from tinyllama_ft.model.generation import generate
+    from tinyllama_ft.model.loading import load_tokenizer
+    from tinyllama_ft.training.sft import setup_model
 
     generated = max(spec["rows"] * 2 // 5, 1)
     config = parse_config([], model_name_or_path=spec["model_name_or_path"], dataset_name=spec["dataset"],

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tinyllama_ft.bench import BENCH_PRESETS, bench_dataset
-from tinyllama_ft.bench_worker import _prepare
-from tinyllama_ft.config import parse_config
-from tinyllama_ft.data import prepare_data
-from tinyllama_ft.modeling import load_tokenizer
-from tinyllama_ft.train import build_trainer, setup_model
+from tinyllama_ft.bench.compare import BENCH_PRESETS, bench_dataset
+from tinyllama_ft.bench.worker import _prepare
+from tinyllama_ft.settings.config import parse_config
+from tinyllama_ft.data.prepare import prepare_data
+from tinyllama_ft.model.loading import load_tokenizer
+from tinyllama_ft.training.sft import build_trainer, setup_model
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tinyllama_ft.bench import bench_dataset
+from tinyllama_ft.bench.compare import bench_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

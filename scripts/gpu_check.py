@@ -235,9 +235,9 @@ def train_precision(precision: str):
 
 FP16_CHECK = """
 import json, sys, torch
-from tinyllama_ft.config import parse_config
-from tinyllama_ft.modeling import load_tokenizer
-from tinyllama_ft.train import build_trainer, fit, prepare_data, setup_model
+from tinyllama_ft.settings.config import parse_config
+from tinyllama_ft.model.loading import load_tokenizer
+from tinyllama_ft.training.sft import build_trainer, fit, prepare_data, setup_model
 model_dir, assets, precision = sys.argv[1:4]
 config = parse_config([], model_name_or_path=model_dir, dataset_name=f"{assets}/dolly/dolly-sample-1109.jsonl",
                       output_dir="/tmp/gpu-check-fp16", overwrite_output_dir=True, train_size=32, eval_size=0,

@@ -9,7 +9,7 @@ import sys
 from tinyllama_ft import parse_config
 from tinyllama_ft.cli import setup_process
 
-pipeline = importlib.import_module("tinyllama_ft.train")
+pipeline = importlib.import_module("tinyllama_ft.training.sft")
 build_trainer, seen = pipeline.build_trainer, []
 
 

@@ -11,10 +11,10 @@ import sys
 
 import psutil
 
-from tinyllama_ft.config import parse_config
-from tinyllama_ft.memory import activation_bytes, decide_checkpointing, worst_case_batch, worst_case_rows
-from tinyllama_ft.modeling import load_tokenizer
-from tinyllama_ft.train import build_trainer, prepare_data, setup_model
+from tinyllama_ft.settings.config import parse_config
+from tinyllama_ft.settings.memory import activation_bytes, decide_checkpointing, worst_case_batch, worst_case_rows
+from tinyllama_ft.model.loading import load_tokenizer
+from tinyllama_ft.training.sft import build_trainer, prepare_data, setup_model
 
 model_dir, dolly, *rooms = sys.argv[1:]
 config = parse_config([], model_name_or_path=model_dir, dataset_name=dolly, output_dir="unused", train_size=32,

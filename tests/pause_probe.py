@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package of t
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from tinyllama_ft import evaluate, run_folder
+from tinyllama_ft.evaluation import dolly as evaluate
+from tinyllama_ft.runs import folder as run_folder
 from tinyllama_ft.cli import main
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started in a background job
-pipeline = importlib.import_module("tinyllama_ft.train")
+pipeline = importlib.import_module("tinyllama_ft.training.sft")
 stage, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 
 
@@ -48,7 +49,7 @@ class PauseAt(TrainerCallback):
 
 build_trainer = pipeline.build_trainer
 pipeline.build_trainer = lambda *a, **k: (lambda t: (t.add_callback(PauseAt()), t)[1])(build_trainer(*a, **k))
-dpo_stage = importlib.import_module("tinyllama_ft.dpo")  # `python tests/pause_probe.py step-N MARKER dpo ...`
+dpo_stage = importlib.import_module("tinyllama_ft.training.dpo")  # `python tests/pause_probe.py step-N MARKER dpo ...`
 build_dpo_trainer = dpo_stage.build_dpo_trainer
 dpo_stage.build_dpo_trainer = lambda *a, **k: (lambda t: (t.add_callback(PauseAt()), t)[1])(build_dpo_trainer(*a, **k))
 

@@ -54,7 +54,7 @@ def consumer_prompts() -> tuple:
     import json
 
     from tinyllama_ft import encode_prompt, load_tokenizer, to_example
-    from tinyllama_ft.encoding import find_special_text
+    from tinyllama_ft.data.encoding import find_special_text
 
     tokenizer = load_tokenizer(str(asset("stories260k")))
     rows = [json.loads(line) for line in open(asset("dolly/dolly-sample-1109.jsonl"), encoding="utf-8")]
@@ -77,8 +77,8 @@ def stopping_run() -> Path:
     LoRA does to the hidden states ("open qa$...")."""
     import json
 
-    from tinyllama_ft.bench import BENCH_PRESETS
-    from tinyllama_ft.bench_worker import _prepare
+    from tinyllama_ft.bench.compare import BENCH_PRESETS
+    from tinyllama_ft.bench.worker import _prepare
 
     model = _TMP / "random-llama"
     _prepare(dict(folder=str(model), model=BENCH_PRESETS["cpu"]["model"], device="cpu"))

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import ROOT
 from tinyllama_ft.cli import main
-from tinyllama_ft.config import notebook_config, parse_config
+from tinyllama_ft.settings.config import notebook_config, parse_config
 from tinyllama_ft.errors import UserError
 
 BASE = ["--preset", "smoke", "--output_dir", "runs/never-written"]

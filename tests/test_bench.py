@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyllama_ft.bench import GIB, KEYS, SEED, _add_mfu, assets_dir, format_table, main
+from tinyllama_ft.bench.compare import GIB, KEYS, SEED, _add_mfu, assets_dir, format_table, main
 from tinyllama_ft.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def test_cpu_bench_end_to_end_reduced(tmp_path, capsys):
 
 def test_the_default_keeps_the_seed_batches():
     """What changes is how a micro-batch is laid out and computed, not which rows make a step."""
-    from tinyllama_ft.config import Config
+    from tinyllama_ft.settings.config import Config
 
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "train_sampling_strategy"):

@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from tinyllama_ft import export_merged, generate, load_for_inference
-from tinyllama_ft.card import render_card
-from tinyllama_ft.chat import Chat
-from tinyllama_ft.saved_model import load_saved
-from tinyllama_ft.modeling import build_tiny_tokenizer
+from tinyllama_ft.report.card import render_card
+from tinyllama_ft.inference.chat import Chat
+from tinyllama_ft.runs.saved import load_saved
+from tinyllama_ft.model.loading import build_tiny_tokenizer
 
 from runs import stories_run
 

@@ -42,7 +42,7 @@ def test_config_help_lists_every_field():
     """The README sends users to `config --help`; argparse %-formats help texts, so a stray % breaks it."""
     import dataclasses
 
-    from tinyllama_ft.config import Config
+    from tinyllama_ft.settings.config import Config
 
     help_text = cli("config", "--help").stdout
     own = [f.name for f in dataclasses.fields(Config) if f.name not in {f.name for f in dataclasses.fields(

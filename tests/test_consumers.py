@@ -30,9 +30,9 @@ import pytest
 import torch
 
 from tinyllama_ft import encode_example, encode_prompt, generate, load_tokenizer, to_example
-from tinyllama_ft.encoding import find_special_text
-from tinyllama_ft.generation import decode_answer
-from tinyllama_ft.gguf_export import find_tokenizer_model, modelfile_text, write_gguf
+from tinyllama_ft.data.encoding import find_special_text
+from tinyllama_ft.model.generation import decode_answer
+from tinyllama_ft.export.gguf import find_tokenizer_model, modelfile_text, write_gguf
 
 from conftest import ROOT, asset
 from runs import ANSWER_TOKENS, consumer_exports, consumer_prompts

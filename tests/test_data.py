@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tinyllama_ft.data import length_stats, split_rows
-from tinyllama_ft.formats import format_user_turn, load_rows, rename_columns, to_conversation, to_example, validate_rows
+from tinyllama_ft.data.prepare import length_stats, split_rows
+from tinyllama_ft.data.formats import format_user_turn, load_rows, rename_columns, to_conversation, to_example, validate_rows
 from tinyllama_ft.errors import UserError
 
 ROW = {"instruction": "Who wrote Hamlet?", "context": "", "response": "William Shakespeare.", "category": "open_qa"}

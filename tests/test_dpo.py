@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, asset
 from runs import cli, stories_run
-from tinyllama_ft.encoding import encode_example, encode_prompt
-from tinyllama_ft.formats import format_user_turn
+from tinyllama_ft.data.encoding import encode_example, encode_prompt
+from tinyllama_ft.data.formats import format_user_turn
 from tinyllama_ft.errors import UserError
-from tinyllama_ft.preference_data import (degrade_first_half, encode_pair, encode_pairs, load_pairs,
+from tinyllama_ft.data.pairs import (degrade_first_half, encode_pair, encode_pairs, load_pairs,
                                           pair_examples, pairs_from_dolly, to_pair)
 
 SAMPLE_PAIRS = ROOT / "tinyllama_ft" / "samples" / "sample_pairs.jsonl"
@@ -70,7 +70,7 @@ def test_unusable_pairs_are_refused_by_reason_and_counted(tinyllama_tokenizer):
             {"prompt": "p", "chosen": "word " * 100, "rejected": "b"}]
     encoded, excluded, _ = encode_pairs(tinyllama_tokenizer, rows, max_length=64)
     assert sorted(encoded) == [0]
-    from tinyllama_ft.data import exclusion_counts
+    from tinyllama_ft.data.prepare import exclusion_counts
 
     assert exclusion_counts(excluded) == {"missing chosen": 1, "empty rejected": 1, "chosen == rejected": 1,
                                           "special-token text": 1, "over max_length": 1}
@@ -243,7 +243,7 @@ def test_reward_accuracy_recomputed_by_hand_from_the_saved_adapters():
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tinyllama_ft.modeling import load_tokenizer
+    from tinyllama_ft.model.loading import load_tokenizer
 
     out, beta = dpo_run()["out"], 0.1
     tok = load_tokenizer(str(out))
@@ -263,7 +263,7 @@ def test_reward_accuracy_recomputed_by_hand_from_the_saved_adapters():
         reward = [beta * (logps(out, e) - logps(stories_run(), e)) for e in (chosen, rejected)]
         wins.append(reward[0] > reward[1])
         margins.append(reward[0] - reward[1])
-    from tinyllama_ft.preference_eval import evaluate_pairs  # the same pairs through the package, to compare
+    from tinyllama_ft.evaluation.preferences import evaluate_pairs  # the same pairs through the package, to compare
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(asset("stories260k")), stories_run(),
                                       adapter_name="ref")
@@ -347,7 +347,7 @@ def test_generate_chat_and_exports_work_on_the_dpo_run(tmp_path):
     (path,) = gguf.glob("*.gguf")
     from transformers import AutoModelForCausalLM
 
-    from tinyllama_ft.saved_model import load_merged
+    from tinyllama_ft.runs.saved import load_merged
 
     hf, tok = load_merged(str(out))
     gg = AutoModelForCausalLM.from_pretrained(str(gguf), gguf_file=path.name, dtype=torch.float32).eval()

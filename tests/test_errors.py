@@ -13,7 +13,7 @@ from conftest import ROOT
 from tinyllama_ft import export_merged, generate, load_saved, load_rows, parse_config, train
 from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
-from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
+from tinyllama_ft.model.loading import build_tiny_model, build_tiny_tokenizer
 
 GOOD = {"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "open_qa"}
 
@@ -139,7 +139,7 @@ def test_command_line(flags, message, tmp, capsys):
 
 @pytest.mark.parametrize("flags, message", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
 def test_python_api(flags, message, tmp, monkeypatch):
-    pipeline = importlib.import_module("tinyllama_ft.train")
+    pipeline = importlib.import_module("tinyllama_ft.training.sft")
 
     def no_model_loading(*args, **kwargs):
         raise AssertionError("the error should be caught before the model loads")
@@ -230,7 +230,7 @@ PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
 
 @pytest.mark.parametrize("args, api, message", OTHER_CASES, ids=[" ".join(c[0][:3]) for c in OTHER_CASES])
 def test_other_commands(args, api, message, tmp, capsys, monkeypatch):
-    saved_model = importlib.import_module("tinyllama_ft.saved_model")
+    saved_model = importlib.import_module("tinyllama_ft.runs.saved")
 
     def no_model_loading(*args, **kwargs):
         raise AssertionError("the error should be caught before the model loads")
@@ -292,7 +292,7 @@ def test_hub_token_is_never_printed_or_saved(monkeypatch, capsys):
 def test_what_a_user_expects_is_read_csv_capital_jsonl_and_all_linear(tmp_path):
     """The debatable cases, decided as a user would expect: a CSV file with a header line is read (every
     value text), `.JSONL` is `.jsonl`, and `all-linear` is PEFT's every-Linear-layer-but-the-head."""
-    from tinyllama_ft.modeling import check_model_shape, wrap_lora
+    from tinyllama_ft.model.loading import check_model_shape, wrap_lora
 
     (tmp_path / "rows.csv").write_text("instruction,context,response\r\nName a fruit.,,\"An apple, red.\"\r\n",
                                        encoding="utf-8")

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from tinyllama_ft import encode_example, load_model, load_tokenizer, parse_config, to_example, train, wrap_lora
-from tinyllama_ft.evaluate import evaluate_loss, pad_batch
-from tinyllama_ft.generation import can_merge_lora, generate, merged_lora
-from tinyllama_ft.timings import Timings
+from tinyllama_ft.evaluation.dolly import evaluate_loss, pad_batch
+from tinyllama_ft.model.generation import can_merge_lora, generate, merged_lora
+from tinyllama_ft.runs.timings import Timings
 
 # Loss sums here are ~10^4 nats over ~3,000 tokens; the two paths differ by fp32 rounding in the LM-head
 # matmul and the log-softmax only (observed relative difference ~1e-7).
@@ -231,7 +231,7 @@ def test_train_records_timings_that_add_up(tmp_path):
 @pytest.mark.slow  # two evaluation paths on the bench model (random Llama, vocabulary 32,000): ~1 minute
 def test_eval_paths_compares_the_paths_on_the_same_numbers(tmp_path):
     from benchmarks.eval_paths import main
-    from tinyllama_ft.bench import assets_dir
+    from tinyllama_ft.bench.compare import assets_dir
 
     if not (assets_dir() / "tinyllama-tokenizer").is_dir():
         pytest.skip(f"the real TinyLlama tokenizer is not under {assets_dir()} (set TINYLLAMA_ASSETS)")

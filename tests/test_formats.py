@@ -11,10 +11,10 @@ import pytest
 
 from tinyllama_ft import parse_config, train
 from tinyllama_ft.cli import main
-from tinyllama_ft.config import SAMPLE_DATA
-from tinyllama_ft.data import exclusion_counts, split_rows
-from tinyllama_ft.encoding import IGNORE_INDEX, encode_example, encode_prompt, encode_rows
-from tinyllama_ft.formats import (format_user_turn, load_rows, parse_columns, prompt_messages, to_conversation,
+from tinyllama_ft.settings.config import SAMPLE_DATA
+from tinyllama_ft.data.prepare import exclusion_counts, split_rows
+from tinyllama_ft.data.encoding import IGNORE_INDEX, encode_example, encode_prompt, encode_rows
+from tinyllama_ft.data.formats import (format_user_turn, load_rows, parse_columns, prompt_messages, to_conversation,
                                   to_conversations, to_example)
 from tinyllama_ft.errors import UserError
 
@@ -243,7 +243,7 @@ def test_evaluation_generates_the_last_turn_given_the_earlier_ones(tmp_path, mon
         seen["prompts"] = [encode_prompt(tokenizer, prompt_messages(m)) for m in instructions]
         return [{"text": "x", "ended": True} for _ in instructions]
 
-    monkeypatch.setattr(importlib.import_module("tinyllama_ft.evaluate"), "generate", spy)
+    monkeypatch.setattr(importlib.import_module("tinyllama_ft.evaluation.dolly"), "generate", spy)
     metrics = evaluate_model(config, setup_model(config, tokenizer), tokenizer, data)
     for prompt, index in zip(seen["prompts"], data.generate_rows):
         ids, labels = data.encoded[index]["input_ids"], data.encoded[index]["labels"]
@@ -357,7 +357,7 @@ def test_bad_format_input_on_the_command_line(flags, message, tmp, capsys, monke
 
 @pytest.mark.parametrize("flags, message", BAD, ids=[" ".join(c[0])[-40:] for c in BAD])
 def test_bad_format_input_in_python(flags, message, tmp, monkeypatch):
-    pipeline = importlib.import_module("tinyllama_ft.train")
+    pipeline = importlib.import_module("tinyllama_ft.training.sft")
 
     def no_model_loading(*args, **kwargs):
         raise AssertionError("the error should be caught before the model loads")
@@ -479,7 +479,7 @@ def test_readme_examples_are_the_formats_they_document(tinyllama_tokenizer):
 
 def test_generate_takes_conversations_and_a_system_prompt():
     from tinyllama_ft import generate
-    from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
+    from tinyllama_ft.model.loading import build_tiny_model, build_tiny_tokenizer
 
     model, tokenizer = build_tiny_model(), build_tiny_tokenizer()
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from conftest import FUZZ_SEED, ROOT
-from tinyllama_ft.config import Config, notebook_config, parse_config
+from tinyllama_ft.settings.config import Config, notebook_config, parse_config
 from tinyllama_ft.errors import UserError
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))

@@ -13,9 +13,9 @@ import torch
 from tinyllama_ft import (build_trainer, encode_prompt, fit, load_for_inference, load_rows, load_tokenizer,
                           parse_config, prepare_data, save_run, setup_model, to_example)
 from tinyllama_ft.cli import main as cli_main
-from tinyllama_ft.encoding import find_special_text
-from tinyllama_ft.evaluate import pad_batch
-from tinyllama_ft.gguf_export import (OLLAMA_SPACE, OLLAMA_TEMPLATE, export_gguf, find_tokenizer_model, modelfile_text,
+from tinyllama_ft.data.encoding import find_special_text
+from tinyllama_ft.evaluation.dolly import pad_batch
+from tinyllama_ft.export.gguf import (OLLAMA_SPACE, OLLAMA_TEMPLATE, export_gguf, find_tokenizer_model, modelfile_text,
                                       write_gguf)
 
 SYSTEM = "You are a concise assistant."
@@ -159,7 +159,7 @@ def test_gguf_vocabulary_is_sentencepiece_with_scores_types_and_special_ids(tiny
     assert fields["tokenizer.ggml.token_type"] == [int(t) for t in expected]
     assert [fields[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "unknown", "padding")] == [1, 2, 0, 2]
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
-    # llama.cpp may not prefix text after special tokens (the HF tokenizer does not): see gguf_export
+    # llama.cpp may not prefix text after special tokens (the HF tokenizer does not): see export/gguf.py
     assert fields["tokenizer.ggml.add_space_prefix"] is False
     assert fields["tokenizer.chat_template"] == tinyllama_tokenizer.chat_template  # it writes the BOS and a space
     assert tinyllama_tokenizer.chat_template.startswith("{{ bos_token }}{{ ' ' }}{% for message in messages %}")
@@ -413,7 +413,7 @@ def test_llama_cpp_reads_the_prompt_and_answers_like_hf(llama_cpp, stories_run, 
 
 @pytest.mark.slow
 def test_smoke_run_exports_a_gguf_that_reads_back(tmp_path, dolly_rows):
-    from tinyllama_ft.modeling import build_tiny_tokenizer
+    from tinyllama_ft.model.loading import build_tiny_tokenizer
 
     assert cli_main(["train", "--preset", "smoke", "--output_dir", str(tmp_path / "smoke")]) == 0
     assert cli_main(["export", "--adapter", str(tmp_path / "smoke"), "--out", str(tmp_path / "gguf"),

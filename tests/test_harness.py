@@ -48,8 +48,8 @@ def test_chat_template_path_feeds_encode_prompts_ids_with_one_bos(tinyllama_toke
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import get_task_dict
 
-    from tinyllama_ft.encoding import encode_prompt
-    from tinyllama_ft.modeling import load_model
+    from tinyllama_ft.data.encoding import encode_prompt
+    from tinyllama_ft.model.loading import load_model
 
     lm = HFLM(pretrained=load_model(stories_dir), tokenizer=tinyllama_tokenizer, batch_size=1)
     task = get_task_dict([harness.LOCAL_TASK], harness.task_manager())[harness.LOCAL_TASK]
@@ -87,8 +87,8 @@ def results_of(base: float, tuned: float) -> dict:
 
 
 def test_table_chart_and_card_show_base_tuned_and_difference(tmp_path):
-    from tinyllama_ft.card import render_card
-    from tinyllama_ft.modeling import build_tiny_tokenizer
+    from tinyllama_ft.report.card import render_card
+    from tinyllama_ft.model.loading import build_tiny_tokenizer
 
     results = results_of(0.25, 0.3)
     table = harness.format_table(results).markdown
@@ -197,7 +197,7 @@ def test_merged_export_scores_as_the_adapter(evaluated, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import get_task_dict
 
-    from tinyllama_ft.saved_model import load_saved
+    from tinyllama_ft.runs.saved import load_saved
 
     run, _, ours = evaluated
     merged = tmp_path / "merged"

@@ -46,7 +46,7 @@ def test_pip_install_gives_a_console_script_that_runs_from_another_folder(tmp_pa
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = run([python, "-c", "import tinyllama_ft, tinyllama_ft.config as c, os; print(tinyllama_ft.__file__); "
+    where = run([python, "-c", "import tinyllama_ft, tinyllama_ft.settings.config as c, os; print(tinyllama_ft.__file__); "
                  "print(os.path.isfile(c.SAMPLE_DATA))"], elsewhere, env).stdout.split()
     assert Path(where[0]).is_relative_to(site) and where[1] == "True"  # the installed copy, its samples included
     console = scripts / ("tinyllama-ft.exe" if os.name == "nt" else "tinyllama-ft")

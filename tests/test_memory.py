@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import ROOT, asset
-from tinyllama_ft.config import parse_config
+from tinyllama_ft.settings.config import parse_config
 from tinyllama_ft.errors import UserError
-from tinyllama_ft.memory import MARGIN, checkpointing_needed, free_memory_bytes
+from tinyllama_ft.settings.memory import MARGIN, checkpointing_needed, free_memory_bytes
 
 
 def test_the_rule_on_literal_numbers():

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import asset
 from tinyllama_ft.errors import UserError
-from tinyllama_ft.modeling import build_tiny_model, count_parameters, wrap_lora
+from tinyllama_ft.model.loading import build_tiny_model, count_parameters, wrap_lora
 
 
 def test_trainable_parameters_at_tinyllama_shape():

@@ -110,7 +110,7 @@ def test_the_notebook_runs_the_stages_of_train_in_their_order():
     """One `run.<stage>()` per stage of `train.STAGES`, in that order, and no stage rebuilt by hand."""
     import re
 
-    from tinyllama_ft.train import STAGES
+    from tinyllama_ft.training.sft import STAGES
 
     code = "\n".join(source(cell) for cell in code_cells(load_notebook()))
     assert re.findall(rf"\brun\.({'|'.join(STAGES)})\(", code) == list(STAGES)

@@ -21,8 +21,8 @@ import hashlib
 import pytest
 import torch
 
-from tinyllama_ft.bench import SEED, assets_dir
-from tinyllama_ft.lm_head import LogSoftmaxLogProbs
+from tinyllama_ft.bench.compare import SEED, assets_dir
+from tinyllama_ft.training.lm_head import LogSoftmaxLogProbs
 
 ASSETS = assets_dir()
 STORIES = ASSETS / "stories260k"
@@ -40,10 +40,10 @@ ATOL = 1e-4
 
 
 def _build(overrides: dict, tmp_path):
-    from tinyllama_ft.config import parse_config
-    from tinyllama_ft.modeling import load_tokenizer
-    from tinyllama_ft.data import prepare_data
-    from tinyllama_ft.train import build_trainer, setup_model
+    from tinyllama_ft.settings.config import parse_config
+    from tinyllama_ft.model.loading import load_tokenizer
+    from tinyllama_ft.data.prepare import prepare_data
+    from tinyllama_ft.training.sft import build_trainer, setup_model
 
     config = parse_config(
         [], model_name_or_path=str(STORIES), dataset_name=str(DOLLY), output_dir=str(tmp_path / "run"),
@@ -217,7 +217,7 @@ def test_a_trl_without_the_switch_is_reported(tmp_path, monkeypatch, caplog):
     import trl.trainer.utils as trl_utils
 
     monkeypatch.delattr(trl_utils, "_use_triton")
-    with caplog.at_level(logging.WARNING, logger="tinyllama_ft.train"):
+    with caplog.at_level(logging.WARNING, logger="tinyllama_ft.training.sft"):
         _build({}, tmp_path)
     assert "lm_head_labelled_only=True and lm_head_implementation=auto have no effect" in caplog.text
 
@@ -299,7 +299,7 @@ def test_training_through_fit_learns_the_same_adapters(tmp_path):
     """End to end: `fit` for 3 optimizer steps (48 rows, 2 x 8) under the seed's configuration and under the
     proposed one ends with the same LoRA weights and the same training loss (fp32; LoRA dropout off so that
     both runs draw no random masks, whose shapes differ between padded and padding-free batches)."""
-    from tinyllama_ft.train import fit
+    from tinyllama_ft.training.sft import fit
 
     common = dict(learning_rate=2e-3, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1)
     runs, runs_initial = {}, {}

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinyllama_ft.encoding import IGNORE_INDEX, encode_example, encode_prompt, find_special_text
-from tinyllama_ft.formats import to_conversation, to_example
+from tinyllama_ft.data.encoding import IGNORE_INDEX, encode_example, encode_prompt, find_special_text
+from tinyllama_ft.data.formats import to_conversation, to_example
 from tinyllama_ft.errors import UserError
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)

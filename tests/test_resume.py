@@ -65,7 +65,7 @@ def no_model(monkeypatch):
     def loads(*args, **kwargs):
         raise ModelLoads
 
-    monkeypatch.setattr(importlib.import_module("tinyllama_ft.train"), "load_model", loads)
+    monkeypatch.setattr(importlib.import_module("tinyllama_ft.training.sft"), "load_model", loads)
 
 
 @pytest.mark.slow

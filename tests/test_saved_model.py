@@ -1,4 +1,4 @@
-"""One way in to a saved model (`saved_model.load_saved`): every command that uses one (generate, chat,
+"""One way in to a saved model (`runs/saved.py`'s `load_saved`): every command that uses one (generate, chat,
 serve, export as safetensors and as GGUF) accepts the same folders: a run folder, one of its
 `checkpoint-N` folders (with the run's settings) and a merged export, and gives the same answer from each.
 Exports that fail leave nothing behind."""
@@ -15,9 +15,9 @@ import pytest
 
 from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
-from tinyllama_ft.export import export_merged
-from tinyllama_ft.generation import generate
-from tinyllama_ft.saved_model import load_saved, run_folder_of, saved_system_prompt
+from tinyllama_ft.export.merged import export_merged
+from tinyllama_ft.model.generation import generate
+from tinyllama_ft.runs.saved import load_saved, run_folder_of, saved_system_prompt
 
 from runs import smoke_run
 
@@ -57,7 +57,7 @@ def expected(folders) -> str:
 def test_every_command_accepts_every_saved_folder(kind, folders, expected, tmp_path, capsys, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from tinyllama_ft.serve import app_for
+    from tinyllama_ft.inference.serve import app_for
 
     folder = str(folders[kind])
     assert main(["generate", "--adapter", folder, "--instruction", PROMPT, "--max_new_tokens", str(NEW_TOKENS)]) == 0
@@ -88,8 +88,8 @@ def test_every_command_accepts_every_saved_folder(kind, folders, expected, tmp_p
 def test_an_export_that_fails_leaves_nothing_behind(fmt, folders, tmp_path, monkeypatch):
     """A failure while the files are written (here: the disk fills up) leaves no `--out` folder and no
     temporary folder, beside it or in the system's temporary folder."""
-    import tinyllama_ft.export as export
-    import tinyllama_ft.gguf_export as gguf_export
+    import tinyllama_ft.export.merged as export
+    import tinyllama_ft.export.gguf as gguf_export
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from tinyllama_ft import encode_prompt, generate, load_for_inference
-from tinyllama_ft.chat import Chat
+from tinyllama_ft.inference.chat import Chat
 from tinyllama_ft.errors import UserError
-from tinyllama_ft.modeling import build_tiny_tokenizer
-from tinyllama_ft.chat_template import PROBES, bos_prefix
-from tinyllama_ft.serve import check_port_free, check_prompt_ids
+from tinyllama_ft.model.loading import build_tiny_tokenizer
+from tinyllama_ft.data.chat_template import PROBES, bos_prefix
+from tinyllama_ft.inference.serve import check_port_free, check_prompt_ids
 
 from conftest import ROOT
 from runs import stories_run
@@ -200,8 +200,8 @@ BAD_REQUESTS = [
 def tiny_app():
     from fastapi.testclient import TestClient
 
-    from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
-    from tinyllama_ft.serve import build_app
+    from tinyllama_ft.model.loading import build_tiny_model, build_tiny_tokenizer
+    from tinyllama_ft.inference.serve import build_app
 
     return TestClient(build_app(build_tiny_model().eval(), build_tiny_tokenizer(), "tiny", max_new_tokens=6),
                       raise_server_exceptions=False)
@@ -298,8 +298,8 @@ def test_continuous_batching_refuses_settings_it_would_share_and_answers_the_res
     request (the budget) and sampling knobs of a greedy request are answered, greedily, as `generate` answers."""
     from fastapi.testclient import TestClient
 
-    from tinyllama_ft.modeling import build_tiny_model, build_tiny_tokenizer
-    from tinyllama_ft.serve import build_app
+    from tinyllama_ft.model.loading import build_tiny_model, build_tiny_tokenizer
+    from tinyllama_ft.inference.serve import build_app
 
     model, tokenizer = build_tiny_model().eval(), build_tiny_tokenizer()
     with TestClient(build_app(model, tokenizer, "tiny", max_new_tokens=6, continuous_batching=True),

@@ -4,8 +4,8 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from tinyllama_ft.encoding import IGNORE_INDEX, encode_example, encode_prompt, encode_rows
-from tinyllama_ft.formats import to_example
+from tinyllama_ft.data.encoding import IGNORE_INDEX, encode_example, encode_prompt, encode_rows
+from tinyllama_ft.data.formats import to_example
 from tinyllama_ft.errors import UserError
 
 BOS, EOS = 1, 2
@@ -81,7 +81,7 @@ def test_tokenization_cache_gives_the_same_encodings_without_tokenizing(tinyllam
     import copy
     import logging
 
-    import tinyllama_ft.encoding as encoding
+    import tinyllama_ft.data.encoding as encoding
 
     rows = dolly_rows[:100] + [dict(dolly_rows[0], response="Done.</s>")]  # one excluded for its special string
     fresh = encode_rows(tinyllama_tokenizer, rows, max_length=256)
@@ -105,7 +105,7 @@ def test_tokenization_cache_gives_the_same_encodings_without_tokenizing(tinyllam
     assert encoding.encoding_cache_path(other, rows, tmp_path) != cached
 
     cached.write_bytes(cached.read_bytes()[:1000])  # truncated: read as a miss, said, and rewritten
-    with caplog.at_level(logging.WARNING, logger="tinyllama_ft.encoding"):
+    with caplog.at_level(logging.WARNING, logger="tinyllama_ft.data.encoding"):
         assert encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh
     assert "ignoring unreadable tokenization cache" in caplog.text
     assert encode_rows(tinyllama_tokenizer, rows, 256, cache_dir=tmp_path) == fresh

@@ -8,7 +8,7 @@ import torch
 
 from tinyllama_ft import (build_trainer, evaluate_base, evaluate_model, export_merged, fit, load_for_inference,
                           load_tokenizer, parse_config, prepare_data, save_run, setup_model, summarize)
-from tinyllama_ft.evaluate import pad_batch
+from tinyllama_ft.evaluation.dolly import pad_batch
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,8 @@ Stages, in the order the notebook calls them::
     generate(model, tokenizer, "Name three primes.")
     train_dpo(parse_dpo_config(adapter=config.output_dir))   # then preference tuning (DPO) of the run
 
+The package is grouped into wings, lowest first (`WINGS`): a module imports only from `errors`, its own
+wing and the wings before it (`tests/test_layout.py` checks it; docs/ARCHITECTURE.md tells the story).
 The names below are imported on first use (`__getattr__`), so that `import tinyllama_ft` and the
 command line's `--help` do not wait for torch.
 """
@@ -22,24 +24,30 @@ command line's `--help` do not wait for torch.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import types
 
+WINGS = ("settings", "data", "model", "report", "runs", "evaluation", "training", "inference", "export", "bench")
+
+
 _EXPORTS = {  # name -> the module that defines it, in the order the data flows
     "UserError": "errors",
-    "Config": "config", "notebook_config": "config", "parse_config": "config",
-    "format_user_turn": "formats", "load_rows": "formats", "to_example": "formats",
-    "encode_example": "encoding", "encode_prompt": "encoding",
-    "prepare_data": "data",
-    "load_model": "modeling", "load_tokenizer": "modeling", "wrap_lora": "modeling",
-    "build_trainer": "train", "fit": "train", "setup_model": "train", "train": "train",
-    "evaluate_base": "evaluate", "evaluate_loss": "evaluate", "evaluate_model": "evaluate",
-    "score_generations": "evaluate", "summarize": "evaluate",
-    "generate": "generation",
-    "save_run": "run_folder",
-    "load_for_inference": "saved_model", "load_saved": "saved_model",
-    "DpoConfig": "dpo", "parse_dpo_config": "dpo", "train_dpo": "dpo", "SAMPLE_PAIRS": "dpo",
-    "export_merged": "export",
+    "Config": "settings.config", "notebook_config": "settings.config", "parse_config": "settings.config",
+    "format_user_turn": "data.formats", "load_rows": "data.formats", "to_example": "data.formats",
+    "encode_example": "data.encoding", "encode_prompt": "data.encoding",
+    "prepare_data": "data.prepare",
+    "load_model": "model.loading", "load_tokenizer": "model.loading", "wrap_lora": "model.loading",
+    "generate": "model.generation",
+    "save_run": "runs.folder",
+    "load_for_inference": "runs.saved", "load_saved": "runs.saved",
+    "evaluate_base": "evaluation.dolly", "evaluate_loss": "evaluation.dolly", "evaluate_model": "evaluation.dolly",
+    "score_generations": "evaluation.dolly", "summarize": "evaluation.dolly",
+    "build_trainer": "training.sft", "fit": "training.sft", "setup_model": "training.sft", "train": "training.sft",
+    "DpoConfig": "training.dpo", "parse_dpo_config": "training.dpo", "train_dpo": "training.dpo",
+    "SAMPLE_PAIRS": "training.dpo",
+    "export_merged": "export.merged",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -58,12 +66,65 @@ class _Package(types.ModuleType):
     (with eager imports the function was bound last; with lazy ones the submodule can come second)."""
 
     def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and name in _EXPORTS and value.__name__ == f"{__name__}.{name}":
+        if isinstance(value, types.ModuleType) and name in _EXPORTS:
             return  # the module stays in sys.modules, so `from tinyllama_ft.train import STAGES` still works
         super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package
+
+# --- module paths from before the wings: `from tinyllama_ft.train import Run` keeps working ---------------------
+MOVED = {  # old module -> where it lives now (the wings `data`, `export` and `bench` forward their old names)
+    "validation": "settings.validation", "config_sources": "settings.sources", "precision": "settings.precision",
+    "memory": "settings.memory", "config": "settings.config",
+    "formats": "data.formats", "chat_template": "data.chat_template", "encoding": "data.encoding",
+    "preference_data": "data.pairs",
+    "modeling": "model.loading", "batching": "model.batching", "generation": "model.generation",
+    "tables": "report.tables", "card": "report.card", "plots": "report.plots",
+    "files": "runs.files", "fingerprint": "runs.fingerprint", "timings": "runs.timings",
+    "run_folder": "runs.folder", "saved_model": "runs.saved",
+    "evaluate": "evaluation.dolly", "preference_eval": "evaluation.preferences", "harness": "evaluation.harness",
+    "lm_head": "training.lm_head", "train": "training.sft", "dpo": "training.dpo",
+    "chat": "inference.chat", "api": "inference.api", "serve": "inference.serve",
+    "gguf_export": "export.gguf", "bench_worker": "bench.worker",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports `tinyllama_ft.<old>` as the very module it moved to (not a copy), so that names and patches
+    are shared; nothing is imported until the old path is."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, old = fullname.rpartition(".")
+        if package == __name__ and old in MOVED:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(f"{__name__}.{MOVED[spec.name.rpartition('.')[2]]}")
+
+    def exec_module(self, module):
+        pass  # the module ran when it was imported under its own name
+
+
+sys.meta_path.append(_MovedModules())
+
+
+def forward_to(wing: str, module: str):
+    """The `__getattr__` of a wing that bears the name of a module from before the wings (`tinyllama_ft.data`
+    was the module `data.prepare` is now): its old names resolve in `module`; submodules import as usual."""
+
+    def __getattr__(name: str):
+        if not name.startswith("_") and importlib.util.find_spec(f"{wing}.{name}") is None:
+            value = getattr(importlib.import_module(f"{wing}.{module}"), name, _MISSING)
+            if value is not _MISSING:
+                return value
+        raise AttributeError(f"module {wing!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+_MISSING = object()
 
 
 def __dir__() -> list[str]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import ArgParser, UserError
-from .files import check_out_file, write_text_file
+from .runs.files import check_out_file, write_text_file
 
 USAGE = """python -m tinyllama_ft COMMAND [options]
 
@@ -106,15 +106,15 @@ def _interrupt(signum, frame):
 
 
 def cmd_config(args: list[str]) -> None:
-    from .config import parse_config
+    from .settings.config import parse_config
 
     print(parse_config(args).to_json())
 
 
 def cmd_train(args: list[str]) -> None:
-    from .config import parse_config
-    from .run_folder import restart_hint
-    from .train import train
+    from .settings.config import parse_config
+    from .runs.folder import restart_hint
+    from .training.sft import train
 
     config = parse_config(args)
     try:
@@ -124,8 +124,8 @@ def cmd_train(args: list[str]) -> None:
 
 
 def cmd_dpo(args: list[str]) -> None:
-    from .run_folder import restart_hint
-    from .dpo import parse_dpo_config, train_dpo
+    from .runs.folder import restart_hint
+    from .training.dpo import parse_dpo_config, train_dpo
 
     config = parse_dpo_config(args)
     try:
@@ -150,10 +150,10 @@ def cmd_preview(args: list[str]) -> None:
         raise UserError(f"--n must be > 0, got {opts.n}: the number of rows to show")
     if opts.max_length < 16:
         raise UserError(f"--max_length must be an integer >= 16, got {opts.max_length}")
-    from .data import exclusion_counts
-    from .encoding import check_system_prompt, encode_rows
-    from .formats import load_rows, parse_columns, to_conversations
-    from .modeling import load_tokenizer
+    from .data.prepare import exclusion_counts
+    from .data.encoding import check_system_prompt, encode_rows
+    from .data.formats import load_rows, parse_columns, to_conversations
+    from .model.loading import load_tokenizer
 
     columns, system_prompt = parse_columns(opts.columns), (opts.system_prompt or "").strip() or None
     dataset_format = opts.dataset_format or "auto"
@@ -187,8 +187,8 @@ def cmd_generate(args: list[str]) -> None:
         raise UserError("--instruction is empty: pass the text to respond to")
     if opts.max_new_tokens <= 0:
         raise UserError(f"--max_new_tokens must be > 0, got {opts.max_new_tokens}")
-    from .generation import generate
-    from .saved_model import load_saved, saved_system_prompt
+    from .model.generation import generate
+    from .runs.saved import load_saved, saved_system_prompt
 
     system_prompt = saved_system_prompt(opts.adapter) if opts.system_prompt is None else opts.system_prompt.strip()
     model, tokenizer = load_saved(opts.adapter)
@@ -205,7 +205,7 @@ def cmd_chat(args: list[str]) -> None:
     parser.add_argument("--system", "--system_prompt", dest="system",
                         help="system message; default: the run's system_prompt, if any; \"\" for none")
     opts = _parse(parser, args)
-    from .chat import main as chat_main
+    from .inference.chat import main as chat_main
 
     system = None if opts.system is None else opts.system.strip()
     chat_main(opts.adapter, opts.max_new_tokens, opts.temperature, opts.top_p, system)
@@ -224,7 +224,7 @@ def cmd_serve(args: list[str]) -> None:
                         "batching: answers are greedy, a request that sets sampling settings gets HTTP 400, and "
                         "--request_timeout does not apply); default: one request after another")
     opts = _parse(parser, args)
-    from .serve import serve
+    from .inference.serve import serve
 
     serve(opts.adapter, opts.host, opts.port, opts.max_new_tokens, opts.request_timeout, opts.continuous_batching)
 
@@ -238,12 +238,12 @@ def cmd_export(args: list[str]) -> None:
                         help="safetensors: a transformers folder; gguf: one .gguf and an Ollama Modelfile")
     parser.add_argument("--quantization", choices=("f16", "q8_0", "f32"), help="GGUF weights (default f16; f32: exact)")
     opts = _parse(parser, args)
-    from .export import export_merged, push_to_hub
+    from .export.merged import export_merged, push_to_hub
 
     if opts.quantization and opts.format != "gguf":
         raise UserError("--quantization applies to GGUF files: add --format gguf")
     if opts.format == "gguf":
-        from .gguf_export import export_gguf
+        from .export.gguf import export_gguf
 
         print(export_gguf(opts.adapter, opts.out, opts.quantization or "f16"))
     else:
@@ -253,9 +253,9 @@ def cmd_export(args: list[str]) -> None:
 
 
 def cmd_evaluate(args: list[str]) -> None:
-    """lm-evaluation-harness on the base and the fine-tuned model (`harness.py`; the Dolly evaluation
-    that `train` runs is `evaluate.py`)."""
-    from .harness import (DEFAULT_TASKS, evaluate_saved, parse_tasks, require_lm_eval, results_path, update_card,
+    """lm-evaluation-harness on the base and the fine-tuned model (`evaluation/harness.py`; the Dolly evaluation
+    that `train` runs is `evaluation/dolly.py`)."""
+    from .evaluation.harness import (DEFAULT_TASKS, evaluate_saved, parse_tasks, require_lm_eval, results_path, update_card,
                           write_results)
 
     parser = _parser("evaluate")
@@ -286,7 +286,7 @@ def cmd_evaluate(args: list[str]) -> None:
 
 
 def cmd_bench(args: list[str]) -> None:
-    from .bench import main as bench_main
+    from .bench.compare import main as bench_main
 
     bench_main(args)
 

@@ -1,0 +1,1 @@
+"""The model: the tokenizer, the base model with its LoRA wrap, and batched greedy generation."""

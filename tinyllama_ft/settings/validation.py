@@ -1,0 +1,246 @@
+"""The one check of every configuration value, whatever it came from (a flag, a YAML file, a
+`TINYLLAMA_FT_*` variable, the notebook's parameters cell, a Python keyword).
+
+Each field's rule is declared beside it, in its metadata (`check`: "> 0", ">= 0", "[0, 1)", ">= 16"...;
+`choices`: the names allowed); fields inherited from TRL and transformers get theirs in
+`INHERITED_CHECKS`. `validate(config)` runs them all in `Config.__post_init__`:
+
+1. the value is converted to the field's declared type exactly as a flag would be (`"8"` -> 8, `8.0` -> 8,
+   `"q_proj"` -> ["q_proj"] for a list, `"true"` -> True); what cannot be converted (`8.5` for an int, a
+   list for a number, a number for a list of names) is refused;
+2. every number is finite (`nan <= 0` is False, so a range check alone lets NaN through);
+3. the declared range or choices.
+
+Every refusal is one line: where the value came from, as the user wrote it (`--lora_r 8.5`,
+`lora_r: 8.5 in run.yaml`, `TINYLLAMA_FT_LORA_R=8.5`, `lora_r=8.5`), what is wrong and what to pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+import re
+import types
+import typing
+from functools import lru_cache
+
+from ..errors import UserError
+
+# Rules for fields declared by TRL / transformers (their own `__post_init__` checks little of this).
+INHERITED_CHECKS = {
+    "max_grad_norm": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+    "adam_epsilon": "> 0", "label_smoothing_factor": "[0, 1)", "dataloader_num_workers": ">= 0",
+    "dataloader_prefetch_factor": "> 0", "eval_accumulation_steps": "> 0", "completion_only_loss": None,
+    "neftune_noise_alpha": ">= 0", "data_seed": "[0, 4294967295]", "dataset_num_proc": "> 0",
+    "max_seq_length": ">= 16", "pad_to_multiple_of": "> 0", "eval_delay": ">= 0", "warmup_ratio": "[0, 1]",
+    "logging_first_step": None, "torch_empty_cache_steps": "> 0", "ddp_timeout": "[1, 86400000]",
+    "average_tokens_across_devices": None,
+}
+HINTS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+         "list": "one name or several (a,b or a list)"}
+
+_sources: contextvars.ContextVar[dict] = contextvars.ContextVar("sources", default={})
+
+
+@contextlib.contextmanager
+def sources(mapping: dict[str, str]):
+    """While building a Config, say where each given value came from: field -> "flag", "file PATH",
+    "variable", "notebook" (the parameters cell) or "keyword" (the default when nothing is said)."""
+    token = _sources.set(mapping)
+    try:
+        yield
+    finally:
+        _sources.reset(token)
+
+
+def where(name: str, value) -> str:
+    """The value as the user wrote it, for the first words of a message."""
+    source = _sources.get().get(name, "keyword")
+    flag_words = source in ("flag", "variable") and isinstance(value, list) and all(isinstance(v, str) for v in value)
+    shown = " ".join(value) if flag_words else _show(value)
+    if source == "flag":
+        return f"--{name} {shown}"
+    if source.startswith("file "):
+        return f"{name}: {shown} in {source[5:]}"
+    if source == "variable":
+        return f"TINYLLAMA_FT_{name.upper()}={shown}"
+    if source == "notebook":
+        return f"{name} = {shown} in the notebook's parameters cell"
+    if source.startswith("preset "):
+        return f"{name}={shown} (preset {source[7:]})"
+    return f"{name}={shown}"
+
+
+def how_to_set(name: str, example) -> str:
+    """How to pass `example` for `name` the way the user passed the wrong value."""
+    source = _sources.get().get(name, "keyword")
+    if source == "flag":
+        return f"--{name} {example}"
+    if source.startswith("file "):
+        return f"`{name}: {example}` in {source[5:]}"
+    if source == "variable":
+        return f"TINYLLAMA_FT_{name.upper()}={example}"
+    return f"{name}={example}"
+
+
+def _show(value) -> str:
+    text = value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else repr(value)
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return (text[:60] + "...") if len(text) > 60 else (text if text.strip() else repr(value))
+
+
+def refuse(name: str, value, problem: str, example=None) -> UserError:
+    fix = f": pass {how_to_set(name, example)}" if example is not None else ""
+    return UserError(f"{where(name, value)}: {problem}{fix}")
+
+
+# --- declared rules ------------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^([\[(])\s*(-?[\d.e+]+)\s*,\s*(-?[\d.e+]+)\s*([\])])$")
+
+
+def parse_rule(rule: str):
+    """A rule string -> (test(value) -> bool, words). "> 0", ">= 16", "[0, 1)" (a range), "nonempty"."""
+    rule = rule.strip()
+    if rule == "nonempty":
+        return (lambda v: len(v) > 0), "must name at least one"
+    match = _RANGE.match(rule)
+    if match:
+        left, low, high, right = match.groups()
+        low, high = float(low), float(high)
+        return (lambda v: (low <= v if left == "[" else low < v) and (v <= high if right == "]" else v < high)), \
+            f"must be in {rule}"
+    op, bound = rule.split()
+    bound = float(bound)
+    tests = {">": lambda v: v > bound, ">=": lambda v: v >= bound, "<": lambda v: v < bound,
+             "<=": lambda v: v <= bound}
+    return tests[op], f"must be {op} {bound:g}"
+
+
+def field_rule(field: dataclasses.Field) -> str | None:
+    return field.metadata.get("check", INHERITED_CHECKS.get(field.name))
+
+
+# --- types ---------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def field_types(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def field_kind(cls, name: str) -> str | None:
+    return _kind(field_types(cls).get(name))[0]
+
+
+def _kind(annotation):
+    """(base kind, optional): int, float, bool, str, list (of str), or None for types left to transformers."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    optional = False
+    if origin in (typing.Union, types.UnionType):
+        optional = type(None) in args
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            return None, optional
+        annotation, origin = rest[0], typing.get_origin(rest[0])
+    if origin is list and typing.get_args(annotation) == (str,):
+        return "list", optional
+    for kind in (bool, int, float, str):
+        if annotation is kind:
+            return kind.__name__, optional
+    return None, optional
+
+
+TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+NONE = {"none", "null", ""}
+
+
+def convert(name: str, value, kind: str):
+    """`value` as `kind`, as a flag's text would be converted; raises `refuse(...)` when it cannot be."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
+            return value.strip().lower() in TRUE
+        raise refuse(name, value, "must be true or false", "true")
+    if kind == "int":
+        number = _number(name, value, kind)
+        if not float(number).is_integer():
+            raise refuse(name, value, "must be a whole number", _example(name, round(number) or 1))
+        return int(number)
+    if kind == "float":
+        return float(_number(name, value, kind))
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return str(value)
+        raise refuse(name, value, f"must be text, not a {type(value).__name__}", '"..."')
+    if kind == "list":  # "a,b", "a b", ["a", "b"] and ["a,b"] are the same two names
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return [part for v in value for part in re.split(r"[,\s]+", v) if part]
+        raise refuse(name, value, "must be names (text), one or several", "q_proj,v_proj")
+    return value
+
+
+def _number(name: str, value, kind: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise refuse(name, value, f"must be {HINTS[kind]}, not a {type(value).__name__}", _example(name, 1))
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise refuse(name, value, f"must be {HINTS[kind]}", _example(name, 1)) from None
+    if isinstance(value, str) and kind == "int" and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        number = int(value)  # exact, however large
+    if isinstance(number, float) and not math.isfinite(number):
+        raise refuse(name, value, f"must be a finite number, not {value}", _example(name, 1))
+    return number
+
+
+_defaults: contextvars.ContextVar[dict] = contextvars.ContextVar("defaults", default={})
+
+
+def _example(name: str, fallback):
+    """The field's default when it is a good example of a value (a number other than 0), else `fallback`."""
+    default = _defaults.get().get(name)
+    return default if isinstance(default, (int, float)) and not isinstance(default, bool) and default else fallback
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def validate(config) -> None:
+    """Convert and check every field of `config` in place (see the module's docstring)."""
+    hints = field_types(type(config))
+    _defaults.set({f.name: f.default for f in dataclasses.fields(config)})
+    for field in dataclasses.fields(config):
+        if not field.init:
+            continue
+        value = getattr(config, field.name)
+        kind, optional = _kind(hints.get(field.name))
+        if value is None:
+            if kind is not None and not optional and field.default is not None:
+                raise refuse(field.name, value, "must be set", _example(field.name, field.default))
+            continue
+        if kind is None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise refuse(field.name, value, "must be a finite number", 1)
+            continue
+        if optional and isinstance(value, str) and value.strip().lower() in NONE:
+            setattr(config, field.name, None)
+            continue
+        raw, value = value, convert(field.name, value, kind)
+        setattr(config, field.name, value)
+        rule, choices = field_rule(field), list(field.metadata.get("choices") or [])
+        if choices and value not in choices:
+            raise refuse(field.name, raw, f"must be one of {', '.join(map(str, choices))}", choices[0])
+        if rule and kind in ("int", "float", "list"):
+            test, words = parse_rule(rule)
+            if not test(value):
+                example = _example(field.name, 1)
+                raise refuse(field.name, raw, f"{field.name} {words}", example if kind != "list" else "q_proj")

@@ -1,0 +1,1 @@
+"""Training: supervised fine-tuning (`Run`, `train`) and preference tuning (DPO) through TRL."""
