@@ -1,4 +1,4 @@
-"""Run `tinyllama_ft.train.train` under torchrun and record, per process, which training rows its
+"""Run `tinyllama_ft.training.sft.train` under torchrun and record, per process, which training rows its
 batches held: `torchrun --nproc_per_node 2 tests/ddp_probe.py --preset smoke --output_dir D ...`."""
 
 import importlib
@@ -29,5 +29,8 @@ pipeline.build_trainer = build_and_record
 setup_process()
 config = parse_config(sys.argv[1:])
 pipeline.train(config)
-with open(os.path.join(config.output_dir, f"seen-rank{os.environ['RANK']}.json"), "w") as file:
+complete = os.path.isfile(os.path.join(config.output_dir, "metrics.json"))  # what this process saw on return
+with open(os.path.join(config.output_dir, f"seen-rank{os.environ['RANK']}.json"), "w", encoding="utf-8") as file:
     json.dump(seen, file)
+with open(os.path.join(config.output_dir, f"returned-rank{os.environ['RANK']}.json"), "w", encoding="utf-8") as file:
+    json.dump({"run_complete": complete}, file)

@@ -27,6 +27,8 @@ def test_two_processes_train_disjoint_rows_and_write_one_complete_run(tmp_path):
 
     seen = [set(json.loads((out / f"seen-rank{rank}.json").read_text())) for rank in (0, 1)]
     assert seen[0] and seen[1] and not seen[0] & seen[1], "each process must train on its own rows"
+    returned = [json.loads((out / f"returned-rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
+    assert all(r["run_complete"] for r in returned), f"train returned before the run folder was complete: {returned}"
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["train_steps"] == 4

@@ -84,9 +84,8 @@ def close_progress_bars() -> None:
 
 
 def close_process_group() -> None:
-    """End a multi-process run cleanly: a process that exits with its process group still open can
-    abort at interpreter shutdown ("terminate called without an active exception", seen with
-    ZeRO-3 on gloo), failing a run that had finished its work."""
+    """End a multi-process run's process group (its communicators), on every way out. That the processes
+    have finished their collectives first is `meet_when_saved`'s job, at the end of every run."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()

@@ -120,6 +120,15 @@ def finish_run(config, folder: Path) -> None:
         swap_in(Path(folder), out)
 
 
+def meet_when_saved(trainer) -> None:
+    """Every process of a multi-process run waits here until the main one has written the run folder, so that
+    `train` returns on no process before the run is complete. It also keeps a process from exiting while its
+    collective library still holds the last tensors of its final collective: with ZeRO-3 on gloo, a worker
+    thread that frees one after Python began to shut down aborts the process ("terminate called without an
+    active exception")."""
+    trainer.accelerator.wait_for_everyone()
+
+
 def _log_fresh_start(config, path: Path) -> None:
     if str(config.resume_from_checkpoint).lower() in RESUME_NEWEST:
         log.info("no checkpoint in %s yet: starting from the beginning", path)

@@ -306,7 +306,7 @@ def build_dpo_trainer(config: DpoConfig, model, tokenizer, pairs, folder=None) -
 def train_dpo(config: DpoConfig) -> dict:
     """The whole DPO stage; writes `config.output_dir` and returns its metrics."""
     from ..runs.fingerprint import DPO_DEFINING, PAIR_KEYS, check_resume, file_hash, fingerprint
-    from ..runs.folder import check_output_dir, finish_run, resume_path, save_run, training_folder
+    from ..runs.folder import check_output_dir, finish_run, meet_when_saved, resume_path, save_run, training_folder
     from ..model.loading import load_tokenizer
     from ..data.pairs import prepare_pairs
     from ..evaluation.preferences import evaluate_stage, load_sft_validation, summarize_dpo
@@ -347,5 +347,6 @@ def train_dpo(config: DpoConfig) -> dict:
     if trainer.is_world_process_zero():
         metrics["timings"] = write_timings(folder, timings)
         finish_run(config, folder)
+    meet_when_saved(trainer)
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
     return metrics

@@ -21,7 +21,8 @@ from ..data.prepare import Data, prepare_data
 from ..evaluation.dolly import evaluate_base, evaluate_loss, evaluate_model, summarize
 from ..model.loading import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
 from ..runs.fingerprint import apply_new_cadence, check_resume, fingerprint
-from ..runs.folder import StagedCheckpoints, check_output_dir, finish_run, resume_path, save_run, training_folder
+from ..runs.folder import (StagedCheckpoints, check_output_dir, finish_run, meet_when_saved, resume_path, save_run,
+                           training_folder)
 from ..runs.timings import Timings, write_timings
 from ..settings.config import Config
 from ..settings.memory import decide_checkpointing
@@ -243,6 +244,7 @@ class Run:
         if self.trainer.is_world_process_zero():  # metrics.json gets the final timings, saving included
             self.metrics["timings"] = write_timings(self.folder, self.timings)
             finish_run(self.config, self.folder)  # a run it replaces goes only now, the new one complete
+        meet_when_saved(self.trainer)
         log.info("metrics: %s", {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))})
         log.info("timings (s): %s", self.timings.summary())
         return self.metrics
