@@ -1,4 +1,4 @@
-"""The maintainers' comparison of evaluation paths: the code before issue 12 (full logits at every position,
+"""The maintainers' comparison of evaluation paths: the evaluation as it was first written (full logits at every position,
 generation in static batches of 8 that each wait for their longest answer, LoRA unmerged) against today's (the LM
 head on labelled positions only, continuous batching, LoRA merged where exact), side by side on the same model and
 rows, with how far their numbers are apart. The random model never stops by itself, so both paths run under the
@@ -32,7 +32,7 @@ MODULE = "benchmarks.eval_paths"  # what the worker processes run (`__name__` is
 # and halves the budget, so that a side-by-side run with repeats fits a few minutes on 2 cores.
 EVAL_ROWS, EVAL_MAX_NEW_TOKENS = 50, 128
 EVAL_PATHS = {  # name -> (evaluate_loss labelled_only, generate batch_size, merge_lora, batching)
-    "before": (False, 8, False, "static"),  # before issue 12: full logits, batches of 8 each waiting for its longest, LoRA unmerged
+    "before": (False, 8, False, "static"),  # as first written: full logits, batches of 8 each waiting for its longest, LoRA unmerged
     "today": (True, None, None, "continuous"),  # the defaults: labelled positions only, continuous batching, merged where exact
 }
 

@@ -42,7 +42,7 @@ def smoke_run() -> Path:
     return out
 
 
-# --- issue 18: the shared run exported once, for every consumer --------------------------------------------------
+# --- the shared run exported once, for every consumer -----------------------------------------------------------
 
 ANSWER_TOKENS = 32  # new tokens per greedy answer in the consumer tests
 

@@ -135,7 +135,7 @@ def test_a_yaml_file_converts_values_as_a_flag_would(tmp_path):
 def test_fp16_and_bf16_are_honoured_as_precision_or_refused_never_dropped():
     message = refusal(lambda: parse_config(["--output_dir", "runs/x", "--fp16", "true"]))
     assert message.startswith("--fp16 true: fp16 needs a CUDA GPU"), message  # CPU here; on a GPU: precision fp16
-    assert parse_config(["--output_dir", "runs/x", "--bf16", "true", "--use_cpu", "true"]).precision == "bf16"  # bf16 runs on CPU (issue 21)
+    assert parse_config(["--output_dir", "runs/x", "--bf16", "true", "--use_cpu", "true"]).precision == "bf16"  # bf16 runs on the CPU too
     if not torch.cuda.is_available():  # and without --use_cpu: on a CPU-only machine bf16 names the CPU itself
         for flags in (["--bf16", "true"], ["--precision", "bf16"]):
             config = parse_config(["--output_dir", "runs/x", *flags])

@@ -1,4 +1,4 @@
-"""The same model in every consumer's OWN chat path (issue 18): from the exported artifacts alone, each consumer
+"""The same model in every consumer's OWN chat path: from the exported artifacts alone, each consumer
 renders the chat template and tokenizes the prompt its own way, and must get exactly `encode_prompt`'s ids (one
 BOS, never two) and answer greedily as `generate` does, stopping at the same EOS.
 

@@ -109,7 +109,7 @@ def test_invalid_json_names_the_line(tmp_path):
 
 @pytest.mark.parametrize("name, message", [("missing.jsonl", "does not exist"), ("d.txt", "not .json")])
 def test_bad_paths_get_a_clear_error(tmp_path, name, message):
-    (tmp_path / "d.txt").write_text("a,b\n")  # (a .csv with a header is read since issue 17)
+    (tmp_path / "d.txt").write_text("a,b\n")  # (a .csv with a header is read)
     with pytest.raises(UserError, match=message):
         load_rows(str(tmp_path / name))
 

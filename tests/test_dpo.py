@@ -121,7 +121,7 @@ def stock_trl_tokenization(tokenizer, rows):
 def test_side_by_side_with_trls_stock_dpo_tokenization(tinyllama_tokenizer, dolly_rows):
     """Every difference, and how many of 295 real rows it hits: with the hub's own tokenizer (what stock TRL
     users load), TRL drops the BOS from the prompt and trains the newline the chat template writes after </s>,
-    in chosen and rejected, on every row. With our saved tokenizer (its template writes the BOS, issue 18) TRL
+    in chosen and rejected, on every row. With our saved tokenizer (its template writes the BOS) TRL
     gets the BOS right, and still trains the newline."""
     from transformers import AutoTokenizer
 

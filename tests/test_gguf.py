@@ -237,7 +237,7 @@ def stories_run(stories_dir, dolly_path, tmp_path_factory):
     trainer = build_trainer(config, model, tokenizer, data)
     fit(trainer)
     save_run(config, model, tokenizer, {"train_steps": 24}, data.split, trainer.state.log_history, generations={})
-    run_config = json.loads((out / "run_config.json").read_text())  # system_prompt: a Config field of issue 11's
+    run_config = json.loads((out / "run_config.json").read_text())  # system_prompt: a Config field
     (out / "run_config.json").write_text(json.dumps({**run_config, "system_prompt": SYSTEM}))  # chat, read by .get
     lora_b = max(p.detach().abs().max().item() for n, p in model.named_parameters() if "lora_B" in n)
     assert cli_main(["export", "--adapter", str(out), "--out", str(root / "f16"), "--format", "gguf"]) == 0

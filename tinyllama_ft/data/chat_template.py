@@ -3,7 +3,7 @@ template and tokenize the text without adding special tokens (transformers' `pip
 llama-cpp-python's Jinja chat handler, `llama-server --jinja`) feed exactly `encode_prompt`'s ids.
 
 TinyLlama-Chat's own template never writes `bos_token`: `encode_prompt` puts the BOS first, and every
-consumer that trusts the template alone fed a prompt without it (issue 18: 0 of 13 greedy answers equal
+consumer that trusts the template alone fed a prompt without it (0 of 13 greedy answers equal
 through `llama_cpp.server`). Writing `{{ bos_token }}` in front is not enough for a SentencePiece tokenizer
 that puts its "▁" prefix only before the first text (Metaspace `prepend_scheme: first`, TinyLlama's
 `legacy: false`): the text after `<s>` is no longer first, so `<|user|>` would begin with id 29966 instead of
