@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from tinyllama_ft.evaluation import dolly as evaluate
-from tinyllama_ft.runs import folder as run_folder
+from tinyllama_ft.storage import run_folder
 from tinyllama_ft.cli import main
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started in a background job

@@ -9,7 +9,7 @@ import yaml
 from tinyllama_ft import export_merged, generate, load_for_inference
 from tinyllama_ft.report.card import render_card
 from tinyllama_ft.inference.chat import Chat
-from tinyllama_ft.runs.saved import load_saved
+from tinyllama_ft.storage.saved_model import load_saved
 from tinyllama_ft.model.loading import build_tiny_tokenizer
 
 from runs import stories_run

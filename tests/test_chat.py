@@ -7,9 +7,9 @@ import io
 import pytest
 
 from tinyllama_ft import encode_prompt, generate, load_for_inference
-from tinyllama_ft.runs.saved import saved_system_prompt
+from tinyllama_ft.storage.saved_model import saved_system_prompt
 from tinyllama_ft.inference.chat import Chat, chat_turns, run_chat
-from tinyllama_ft.runs.saved import load_saved
+from tinyllama_ft.storage.saved_model import load_saved
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.model.loading import build_tiny_model, build_tiny_tokenizer
 

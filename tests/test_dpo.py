@@ -347,7 +347,7 @@ def test_generate_chat_and_exports_work_on_the_dpo_run(tmp_path):
     (path,) = gguf.glob("*.gguf")
     from transformers import AutoModelForCausalLM
 
-    from tinyllama_ft.runs.saved import load_merged
+    from tinyllama_ft.storage.saved_model import load_merged
 
     hf, tok = load_merged(str(out))
     gg = AutoModelForCausalLM.from_pretrained(str(gguf), gguf_file=path.name, dtype=torch.float32).eval()

@@ -230,7 +230,7 @@ PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
 
 @pytest.mark.parametrize("args, api, message", OTHER_CASES, ids=[" ".join(c[0][:3]) for c in OTHER_CASES])
 def test_other_commands(args, api, message, tmp, capsys, monkeypatch):
-    saved_model = importlib.import_module("tinyllama_ft.runs.saved")
+    saved_model = importlib.import_module("tinyllama_ft.storage.saved_model")
 
     def no_model_loading(*args, **kwargs):
         raise AssertionError("the error should be caught before the model loads")

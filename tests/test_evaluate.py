@@ -25,7 +25,7 @@ import torch
 from tinyllama_ft import encode_example, load_model, load_tokenizer, parse_config, to_example, train, wrap_lora
 from tinyllama_ft.evaluation.dolly import evaluate_loss, pad_batch
 from tinyllama_ft.model.generation import can_merge_lora, generate, merged_lora
-from tinyllama_ft.runs.timings import Timings
+from tinyllama_ft.storage.timings import Timings
 
 # Loss sums here are ~10^4 nats over ~3,000 tokens; the two paths differ by fp32 rounding in the LM-head
 # matmul and the log-softmax only (observed relative difference ~1e-7).

@@ -197,7 +197,7 @@ def test_merged_export_scores_as_the_adapter(evaluated, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import get_task_dict
 
-    from tinyllama_ft.runs.saved import load_saved
+    from tinyllama_ft.storage.saved_model import load_saved
 
     run, _, ours = evaluated
     merged = tmp_path / "merged"

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from tinyllama_ft import parse_config
-from tinyllama_ft.runs.folder import check_output_dir, resume_path, training_folder
-from tinyllama_ft.runs.saved import check_saved_folder
+from tinyllama_ft.storage.run_folder import check_output_dir, resume_path, training_folder
+from tinyllama_ft.storage.saved_model import check_saved_folder
 from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
 

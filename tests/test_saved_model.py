@@ -1,4 +1,4 @@
-"""One way in to a saved model (`runs/saved.py`'s `load_saved`): every command that uses one (generate, chat,
+"""One way in to a saved model (`storage/saved_model.py`'s `load_saved`): every command that uses one (generate, chat,
 serve, export as safetensors and as GGUF) accepts the same folders: a run folder, one of its
 `checkpoint-N` folders (with the run's settings) and a merged export, and gives the same answer from each.
 Exports that fail leave nothing behind."""
@@ -17,7 +17,7 @@ from tinyllama_ft.cli import main
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.export.merged import export_merged
 from tinyllama_ft.model.generation import generate
-from tinyllama_ft.runs.saved import load_saved, run_folder_of, saved_system_prompt
+from tinyllama_ft.storage.saved_model import load_saved, run_folder_of, saved_system_prompt
 
 from runs import smoke_run
 

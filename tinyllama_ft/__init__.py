@@ -29,7 +29,7 @@ import importlib.util
 import sys
 import types
 
-WINGS = ("settings", "data", "model", "report", "runs", "evaluation", "training", "inference", "export", "bench")
+WINGS = ("settings", "data", "model", "report", "storage", "evaluation", "training", "inference", "export", "bench")
 
 
 _EXPORTS = {  # name -> the module that defines it, in the order the data flows
@@ -40,8 +40,8 @@ _EXPORTS = {  # name -> the module that defines it, in the order the data flows
     "prepare_data": "data.prepare",
     "load_model": "model.loading", "load_tokenizer": "model.loading", "wrap_lora": "model.loading",
     "generate": "model.generation",
-    "save_run": "runs.folder",
-    "load_for_inference": "runs.saved", "load_saved": "runs.saved",
+    "save_run": "storage.run_folder",
+    "load_for_inference": "storage.saved_model", "load_saved": "storage.saved_model",
     "evaluate_base": "evaluation.dolly", "evaluate_loss": "evaluation.dolly", "evaluate_model": "evaluation.dolly",
     "score_generations": "evaluation.dolly", "summarize": "evaluation.dolly",
     "build_trainer": "training.sft", "fit": "training.sft", "setup_model": "training.sft", "train": "training.sft",
@@ -81,8 +81,8 @@ MOVED = {  # old module -> where it lives now (the wings `data`, `export` and `b
     "preference_data": "data.pairs",
     "modeling": "model.loading", "batching": "model.batching", "generation": "model.generation",
     "tables": "report.tables", "card": "report.card", "plots": "report.plots",
-    "files": "runs.files", "fingerprint": "runs.fingerprint", "timings": "runs.timings",
-    "run_folder": "runs.folder", "saved_model": "runs.saved",
+    "files": "storage.files", "fingerprint": "storage.fingerprint", "timings": "storage.timings",
+    "run_folder": "storage.run_folder", "saved_model": "storage.saved_model",
     "evaluate": "evaluation.dolly", "preference_eval": "evaluation.preferences", "harness": "evaluation.harness",
     "lm_head": "training.lm_head", "train": "training.sft", "dpo": "training.dpo",
     "chat": "inference.chat", "api": "inference.api", "serve": "inference.serve",

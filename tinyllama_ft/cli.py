@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import ArgParser, UserError
-from .runs.files import check_out_file, write_text_file
+from .storage.files import check_out_file, write_text_file
 
 USAGE = """python -m tinyllama_ft COMMAND [options]
 
@@ -112,7 +112,7 @@ def cmd_config(args: list[str]) -> None:
 
 def cmd_train(args: list[str]) -> None:
     from .settings.config import parse_config
-    from .runs.folder import restart_hint
+    from .storage.run_folder import restart_hint
     from .training.sft import train
 
     config = parse_config(args)
@@ -123,7 +123,7 @@ def cmd_train(args: list[str]) -> None:
 
 
 def cmd_dpo(args: list[str]) -> None:
-    from .runs.folder import restart_hint
+    from .storage.run_folder import restart_hint
     from .training.dpo import parse_dpo_config, train_dpo
 
     config = parse_dpo_config(args)
@@ -187,7 +187,7 @@ def cmd_generate(args: list[str]) -> None:
     if opts.max_new_tokens <= 0:
         raise UserError(f"--max_new_tokens must be > 0, got {opts.max_new_tokens}")
     from .model.generation import generate
-    from .runs.saved import load_saved, saved_system_prompt
+    from .storage.saved_model import load_saved, saved_system_prompt
 
     system_prompt = saved_system_prompt(opts.adapter) if opts.system_prompt is None else opts.system_prompt.strip()
     model, tokenizer = load_saved(opts.adapter)

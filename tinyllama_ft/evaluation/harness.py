@@ -103,7 +103,7 @@ def evaluate_saved(folder: str, tasks=DEFAULT_TASKS, include_path: str | None = 
                    dtype=None) -> dict:
     """Base and fine-tuned model of a saved `folder` on `tasks` with the same settings: the results
     dict `write_results` saves (`base`, `tuned`, `difference`, and what was run)."""
-    from ..runs.saved import check_saved_folder, load_saved
+    from ..storage.saved_model import check_saved_folder, load_saved
 
     check_saved_folder(Path(folder))
     manager = task_manager(include_path)
@@ -115,7 +115,7 @@ def evaluate_saved(folder: str, tasks=DEFAULT_TASKS, include_path: str | None = 
 def evaluate_loaded(model, tokenizer, folder: str, tasks, manager=None, limit: int | None = None,
                     batch_size: int | str | None = None, apply_chat_template: bool = False) -> dict:
     """`evaluate_saved` on a model already loaded from `folder` (`load_saved`), e.g. the notebook's."""
-    from ..runs.saved import saved_system_prompt
+    from ..storage.saved_model import saved_system_prompt
 
     tasks = list(tasks)
     if manager is None:
@@ -187,7 +187,7 @@ class _base_of:
             self.context.__enter__()
             return self.model
         from ..model.loading import load_model
-        from ..runs.saved import base_model_name
+        from ..storage.saved_model import base_model_name
 
         name = base_model_name(self.folder)
         if Path(name).resolve() == Path(self.folder).resolve():
@@ -253,7 +253,7 @@ def compare(base: dict, tuned: dict, **settings) -> dict:
 def write_results(results: dict, out: str | Path) -> list[Path]:
     """`out` (JSON), and beside it the table (`.md`) and the bar chart (`.png`); each file written
     whole or not at all. Returns the paths."""
-    from ..runs.files import replace_json
+    from ..storage.files import replace_json
 
     out = Path(out)
     replace_json(out, results)

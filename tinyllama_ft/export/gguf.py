@@ -20,7 +20,7 @@ import torch
 from ..data.chat_template import prefixes_first_text_only
 from ..data.encoding import ROLE_MARKERS
 from ..errors import UserError
-from ..runs.files import written_folder
+from ..storage.files import written_folder
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Pa
     """Merge the adapter (`load_merged`) and write `out_dir/<run>-<quantization>.gguf` and an Ollama
     `Modelfile` next to it. Written into a hidden folder and renamed, so `out_dir` is whole or absent."""
     from .merged import check_export_out
-    from ..runs.saved import check_saved_folder, load_merged, saved_system_prompt
+    from ..storage.saved_model import check_saved_folder, load_merged, saved_system_prompt
 
     try:
         import gguf  # noqa: F401
@@ -71,7 +71,7 @@ def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Pa
 
 def _tokenizer_model_of(folder: str) -> str | None:
     from ..model.loading import load_tokenizer
-    from ..runs.saved import base_model_name
+    from ..storage.saved_model import base_model_name
 
     return find_tokenizer_model(folder, base_model_name(folder), load_tokenizer(folder))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..report.card import read_run, write_card
-from ..runs.files import written_folder
-from ..runs.saved import load_merged, run_folder_of
+from ..storage.files import written_folder
+from ..storage.saved_model import load_merged, run_folder_of
 
 
 def check_export_out(adapter_dir: str, out: Path) -> None:

@@ -24,7 +24,7 @@ from ..data.encoding import encode_prompt, find_special_text
 from ..data.formats import prompt_messages
 from ..errors import UserError
 from ..model.generation import decode_answer
-from ..runs.saved import context_length, load_saved, saved_system_prompt
+from ..storage.saved_model import context_length, load_saved, saved_system_prompt
 
 log = logging.getLogger(__name__)
 

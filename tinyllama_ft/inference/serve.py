@@ -36,7 +36,7 @@ from ..data.chat_template import PROBES
 from ..data.encoding import encode_prompt
 from ..errors import UserError
 from ..model.batching import CB_LOGGERS, serving_cache_config
-from ..runs.saved import context_length, load_saved, saved_system_prompt
+from ..storage.saved_model import context_length, load_saved, saved_system_prompt
 from .api import ChatCompletionRequest, LoadModelRequest, add_error_handlers, check_turns
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ from trl import DPOConfig, DPOTrainer, TrlParser
 
 from ..data.pairs import parse_pair_columns
 from ..errors import UserError
-from ..runs.folder import StagedCheckpoints
 from ..settings.precision import set_precision
 from ..settings.sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
+from ..storage.run_folder import StagedCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def check_sft_run(folder: str) -> dict:
     """The SFT run's `run_config.json`, after checking that `folder` is a finished SFT run folder:
     one line naming the problem otherwise (a file, a merged export, a checkpoint, a DPO run, ...)."""
     from ..model.loading import is_model_folder
-    from ..runs.saved import check_saved_folder
+    from ..storage.saved_model import check_saved_folder
 
     path = Path(folder)
     if path.is_dir() and not (path / "adapter_config.json").is_file():
@@ -305,12 +305,12 @@ def build_dpo_trainer(config: DpoConfig, model, tokenizer, pairs, folder=None) -
 
 def train_dpo(config: DpoConfig) -> dict:
     """The whole DPO stage; writes `config.output_dir` and returns its metrics."""
-    from ..runs.fingerprint import DPO_DEFINING, PAIR_KEYS, check_resume, file_hash, fingerprint
-    from ..runs.folder import check_output_dir, finish_run, meet_when_saved, resume_path, save_run, training_folder
+    from ..storage.fingerprint import DPO_DEFINING, PAIR_KEYS, check_resume, file_hash, fingerprint
+    from ..storage.run_folder import check_output_dir, finish_run, meet_when_saved, resume_path, save_run, training_folder
     from ..model.loading import load_tokenizer
     from ..data.pairs import prepare_pairs
     from ..evaluation.preferences import evaluate_stage, load_sft_validation, summarize_dpo
-    from ..runs.timings import Timings, write_timings
+    from ..storage.timings import Timings, write_timings
     from .sft import fit
 
     timings = Timings()

@@ -2,7 +2,7 @@
 
 `STAGES` lists them in order and `Run` has one method per stage: `train(config)` calls them all for the
 command line, the notebook one a cell. The data stage is `data.prepare_data`, the evaluations are
-`evaluation/dolly.py`'s, the run folder `runs/folder.py`'s; here are the model's setup and the trainer.
+`evaluation/dolly.py`'s, the run folder `storage/run_folder.py`'s; here are the model's setup and the trainer.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from trl import SFTTrainer
 from ..data.prepare import Data, prepare_data
 from ..evaluation.dolly import evaluate_base, evaluate_loss, evaluate_model, summarize
 from ..model.loading import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
-from ..runs.fingerprint import apply_new_cadence, check_resume, fingerprint
-from ..runs.folder import (StagedCheckpoints, check_output_dir, finish_run, meet_when_saved, resume_path, save_run,
-                           training_folder)
-from ..runs.timings import Timings, write_timings
 from ..settings.config import Config
 from ..settings.memory import decide_checkpointing
 from ..settings.precision import compute_dtype
+from ..storage.fingerprint import apply_new_cadence, check_resume, fingerprint
+from ..storage.run_folder import (StagedCheckpoints, check_output_dir, finish_run, meet_when_saved, resume_path,
+                                  save_run, training_folder)
+from ..storage.timings import Timings, write_timings
 from .lm_head import has_switches, lm_head_scoring
 
 log = logging.getLogger(__name__)
