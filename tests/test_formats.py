@@ -458,7 +458,8 @@ def test_readme_examples_are_the_formats_they_document(tinyllama_tokenizer):
     """Each two-line example in docs/DATA.md ("Your own data") loads as its format and trains what it says."""
     from conftest import ROOT
 
-    section = (ROOT / "docs" / "DATA.md").read_text(encoding="utf-8").split("# Your own data", 1)[1].split("\n## ", 1)[0]
+    page = (ROOT / "docs" / "DATA.md").read_text(encoding="utf-8")
+    section = page.split("# Your own data", 1)[1].split("\n## ", 1)[0]
     examples = [[json.loads(line) for line in block.splitlines() if line.startswith("{")]
                 for block in section.split("```json")[1:]]
     assert [len(lines) for lines in examples] == [2, 2, 2, 2]
