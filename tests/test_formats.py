@@ -455,10 +455,11 @@ def test_smoke_preset_on_conversations_through_the_command_line(tmp_path):
 
 
 def test_readme_examples_are_the_formats_they_document(tinyllama_tokenizer):
-    """Each two-line example under README's "Your own data" loads as its format and trains what it says."""
+    """Each two-line example in docs/DATA.md ("Your own data") loads as its format and trains what it says."""
     from conftest import ROOT
 
-    section = (ROOT / "README.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    page = (ROOT / "docs" / "DATA.md").read_text(encoding="utf-8")
+    section = page.split("# Your own data", 1)[1].split("\n## ", 1)[0]
     examples = [[json.loads(line) for line in block.splitlines() if line.startswith("{")]
                 for block in section.split("```json")[1:]]
     assert [len(lines) for lines in examples] == [2, 2, 2, 2]
