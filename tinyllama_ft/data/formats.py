@@ -226,7 +226,7 @@ def _validate_flat(row: dict, index: int, source: str, fmt: str) -> None:
         raise UserError(f"{source} row {index} has no column {missing[0]!r} (columns: "
                         f"{', '.join(map(str, row)) or 'none'}); rename your columns to "
                         f"{', '.join(FORMATS[fmt])}, map them (--columns {missing[0]}=YOUR_COLUMN), or use "
-                        "another format (Alpaca, messages, prompt/completion: see the README)")
+                        "another format (Alpaca, messages, prompt/completion: see docs/DATA.md)")
     optional = ("category",) if fmt == "dolly" else ("input", "category")
     for column in required + tuple(c for c in optional if c in row):
         if not isinstance(row[column], str):
