@@ -26,7 +26,7 @@ from tinyllama_ft.data.encoding import encode_example, encode_prompt
 from tinyllama_ft.data.formats import format_user_turn
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.data.pairs import (degrade_first_half, encode_pair, encode_pairs, load_pairs,
-                                          pair_examples, pairs_from_dolly, to_pair)
+                                     pair_examples, pairs_from_dolly, to_pair)
 
 SAMPLE_PAIRS = ROOT / "tinyllama_ft" / "samples" / "sample_pairs.jsonl"
 USER = [{"role": "user", "content": "Name a primary colour."}]

@@ -14,9 +14,10 @@ from tinyllama_ft.cli import main
 from tinyllama_ft.settings.config import SAMPLE_DATA
 from tinyllama_ft.data.prepare import exclusion_counts, split_rows
 from tinyllama_ft.data.encoding import IGNORE_INDEX, encode_example, encode_prompt, encode_rows
-from tinyllama_ft.data.formats import (format_user_turn, load_rows, parse_columns, prompt_messages, to_conversation,
-                                  to_conversations, to_example)
+from tinyllama_ft.data.formats import (format_user_turn, load_rows, prompt_messages, to_conversation,
+                                       to_conversations, to_example)
 from tinyllama_ft.errors import UserError
+from tinyllama_ft.settings.columns import parse_columns
 
 BOS, EOS = 1, 2
 M = IGNORE_INDEX

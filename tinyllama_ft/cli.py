@@ -254,8 +254,8 @@ def cmd_export(args: list[str]) -> None:
 def cmd_evaluate(args: list[str]) -> None:
     """lm-evaluation-harness on the base and the fine-tuned model (`evaluation/harness.py`; the Dolly evaluation
     that `train` runs is `evaluation/dolly.py`)."""
-    from .evaluation.harness import (DEFAULT_TASKS, evaluate_saved, parse_tasks, require_lm_eval, results_path, update_card,
-                          write_results)
+    from .evaluation.harness import (DEFAULT_TASKS, evaluate_saved, parse_tasks, require_lm_eval, results_path,
+                                     update_card, write_results)
 
     parser = _parser("evaluate")
     parser.add_argument("--adapter", required=True, help="a run folder, a checkpoint-N folder or a merged export")

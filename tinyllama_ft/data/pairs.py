@@ -17,7 +17,6 @@ model the user runs. Pairs that cannot be used are dropped and counted by reason
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from trl.data_utils import extract_prompt
 
 from ..errors import UserError
+from ..settings.columns import parse_columns
 from .encoding import IGNORE_INDEX, encode_example
 from .formats import _read_file, _read_hub, clean_messages, format_user_turn, rename_columns, with_system_prompt
 from .prepare import exclusion_counts, split_rows
@@ -59,26 +59,7 @@ def load_pairs(dataset_name: str, dataset_config: str | None = None, dataset_spl
 
 def parse_pair_columns(value) -> dict[str, str]:
     """`--columns` for pairs: `prompt=question,chosen=better,rejected=worse` (or JSON / a YAML mapping)."""
-    if value is None or value == "" or value == {}:
-        return {}
-    if isinstance(value, str) and value.strip().startswith("{"):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise UserError(f"columns: invalid JSON ({error.msg}): write prompt=question,chosen=better") from None
-    if isinstance(value, str):
-        items = [item.strip() for item in value.split(",") if item.strip()]
-        bad = [item for item in items if item.count("=") != 1 or not all(p.strip() for p in item.split("="))]
-        if bad:
-            raise UserError(f"columns: {bad[0]!r} is not NAME=COLUMN: write prompt=question,chosen=better")
-        value = dict((k.strip(), v.strip()) for k, v in (item.split("=") for item in items))
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise UserError(f"columns must map names to column names, got {value!r}: write prompt=question")
-    unknown = sorted(set(value) - set(PAIR_COLUMNS))
-    if unknown:
-        raise UserError(f"columns: unknown name {unknown[0]!r}: map one of {', '.join(PAIR_COLUMNS)} "
-                        "(NAME=YOUR_COLUMN)")
-    return dict(value)
+    return parse_columns(value, PAIR_COLUMNS, example="prompt=question,chosen=better")
 
 
 def check_pair_columns(rows: list, source: str) -> None:

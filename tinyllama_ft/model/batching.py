@@ -5,7 +5,7 @@ keeps a paged KV cache and schedules tokens, not rows: a finished answer leaves 
 place goes to the next prompt, so no row waits for the slowest one of its batch, and prompts need no
 padding. Greedy tokens equal `model.generate`'s (tests/test_evaluate.py compares them on stories260k).
 
-Used by `generate` (generation.py, beside it) where it applies: one process, unsharded weights (`can_batch_continuously`).
+Used by `generate` (generation.py) where it applies: one process, unsharded weights (`can_batch_continuously`).
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ class Config(SFTConfig):
         metadata={"help": "auto | trl: how the LM head scores its positions in training. auto (default): TRL's "
                   "tiled kernel where Triton runs (CUDA, XPU); elsewhere (CPU, MPS) one matrix product and torch's "
                   "log_softmax, with the same loss and gradients, 1.5x (labelled positions) to 2.1x (every "
-                  "position) the speed of TRL's torch fallback on the CPU bench (tinyllama_ft/training/lm_head.py). trl: TRL's tiles on every device.",
+                  "position) the speed of TRL's torch fallback on the CPU bench (tinyllama_ft/training/lm_head.py). "
+                  "trl: TRL's tiles on every device.",
                   "choices": ["auto", "trl"]},
     )
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (fused AdamW by default)."})
@@ -191,8 +192,8 @@ class Config(SFTConfig):
         metadata={"help": "auto | true | false: recompute activations in the backward pass to save memory. auto "
                   "(default): off when the activations of the worst-case micro-batch (the "
                   "per_device_train_batch_size longest rows), measured before training, take at most half of the "
-                  "device's free memory, else on (tinyllama_ft/settings/memory.py; the run records what it chose). true: the "
-                  "seed's.", "nargs": "?", "const": "true"},
+                  "device's free memory, else on (tinyllama_ft/settings/memory.py; the run records what it chose). "
+                  "true: the seed's.", "nargs": "?", "const": "true"},
     )
     logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps.",
                                                                      "check": "> 0"})

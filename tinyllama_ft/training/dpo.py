@@ -306,7 +306,8 @@ def build_dpo_trainer(config: DpoConfig, model, tokenizer, pairs, folder=None) -
 def train_dpo(config: DpoConfig) -> dict:
     """The whole DPO stage; writes `config.output_dir` and returns its metrics."""
     from ..storage.fingerprint import DPO_DEFINING, PAIR_KEYS, check_resume, file_hash, fingerprint
-    from ..storage.run_folder import check_output_dir, finish_run, meet_when_saved, resume_path, save_run, training_folder
+    from ..storage.run_folder import (check_output_dir, finish_run, meet_when_saved, resume_path, save_run,
+                                      training_folder)
     from ..model.loading import load_tokenizer
     from ..data.pairs import prepare_pairs
     from ..evaluation.preferences import evaluate_stage, load_sft_validation, summarize_dpo
