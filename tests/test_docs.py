@@ -315,3 +315,24 @@ def test_every_docs_command_is_run_or_validated_for_a_reason():
         why = only_validated(command)
         assert why is None or why[0], command
     print("\n".join(f"{'validated' if only_validated(c) else 'run'}: {c}" for c in COMMANDS))
+
+
+def python_imports(pages=PAGES) -> list[tuple[str, str]]:
+    """(page:line, the line) for every `from tinyllama_ft... import` / `import tinyllama_ft...` line of the pages'
+    Python blocks: what a reader copies into a notebook first."""
+    found = []
+    for page in pages:
+        fence = None
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            text = line.strip()
+            if text.startswith("```"):
+                fence = text[3:].strip().lower() if fence is None else None
+            elif fence == "python" and re.match(r"(from tinyllama_ft[\w.]* import |import tinyllama_ft)", text):
+                found.append((f"{page.relative_to(ROOT).as_posix()}:{number}", text.split("#")[0].strip()))
+    return found
+
+
+@pytest.mark.parametrize("where, line", python_imports())
+def test_docs_python_imports_import(where, line):
+    """The pages' Python examples import what they name from where they say (the wings' module paths)."""
+    exec(line, {})  # noqa: S102 - a line of our own docs
