@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import UserError
 
+GREEDY = "0 (or below 0.001, where sampling overflows): greedy"
 ONE_CHOICE = "this server returns one choice per request: send 1 (or leave it out) and repeat the request for more"
 
 
@@ -52,16 +53,16 @@ class GenerationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     max_new_tokens: int | None = Field(None, ge=1, description="the answer budget (capped as max_tokens is)")
-    min_new_tokens: int | None = Field(None, ge=0)
+    min_new_tokens: int | None = Field(None, ge=0, le=2**20)
     max_length: int | None = Field(None, ge=1, description="ignored: the budget is max_new_tokens")
     do_sample: bool | None = None
-    temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description="0: greedy")
-    top_k: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description=GREEDY)
+    top_k: int | None = Field(None, ge=0, le=2**20)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     typical_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
-    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100, allow_inf_nan=False)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=2**20)
     num_beams: int | None = Field(None, ge=1, le=16)
     length_penalty: float | None = Field(None, ge=-100, le=100, allow_inf_nan=False)
     num_return_sequences: int | None = Field(None, ge=1, description="1 only")
@@ -103,9 +104,9 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = Field(None, description="must be the served model's id when given (GET /v1/models)")
     max_tokens: int | None = Field(None, ge=1, description="capped at what the context leaves")
     max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens")
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description=GREEDY)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(None, gt=-1, le=2, allow_inf_nan=False,
+    frequency_penalty: float | None = Field(None, ge=-0.99, le=2, allow_inf_nan=False,
                                             description="as transformers serve: repetition_penalty = 1 + this")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seeds a sampled answer")
     n: int | None = Field(None, ge=1, description="1 only")

@@ -29,6 +29,7 @@ from ..model.batching import CB_LOGGERS
 log = logging.getLogger(__name__)
 
 PER_REQUEST = ("max_new_tokens", "eos_token_id", "max_time", "use_cache", "max_length")  # what a shared batch sets per request
+GREEDY_BELOW = 1e-3  # a temperature under this decodes greedily (api.GREEDY)
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # moot when greedy
 
 
@@ -57,11 +58,15 @@ def request_config(model, tokenizer, settings: dict, budget: int, timeout_s: flo
     settings = {k: v for k, v in settings.items() if k not in ("transformers_version", "max_length")}
     merged = {**base, **settings, "max_new_tokens": budget, "max_time": min(settings.get("max_time") or timeout_s,
                                                                               timeout_s)}
-    if "temperature" in settings:
-        merged["do_sample"] = settings.get("do_sample", True) and settings["temperature"] > 0
+    if "temperature" in settings:  # below GREEDY_BELOW logits / temperature overflow to inf: the limit is greedy
+        merged["do_sample"] = settings.get("do_sample", True) and settings["temperature"] >= GREEDY_BELOW
+        if not merged["do_sample"]:
+            merged.pop("temperature")
     merged.setdefault("eos_token_id", tokenizer.eos_token_id)
     merged.setdefault("pad_token_id", tokenizer.pad_token_id)
     merged.pop("max_length", None)  # the budget is max_new_tokens
+    if not merged.get("stop_strings"):
+        merged.pop("stop_strings", None)  # [] is none
     return GenerationConfig(**merged)
 
 
@@ -105,7 +110,7 @@ class OwnPath:
                 output = self.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=job.config,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([cancelled]),
-                    tokenizer=self.tokenizer if job.config.stop_strings else None)
+                    tokenizer=self.tokenizer)  # for stop strings
         except BaseException:
             if streamer is not None:
                 streamer.end()  # the reader waits for the stream's end

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..model.batching import serving_cache_config
 from ..storage.saved_model import context_length, load_saved, saved_system_prompt
 from .api import (AnswerMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice,
-                  Delta, LoadModelRequest, ModelCard, ModelList, Usage, add_error_handlers, check_turns)
+                  Delta, LoadModelRequest, ModelCard, ModelList, Usage, add_error_handlers, check_turns, error_body)
 from .engine import Done, Engine, Job, Stripped, request_config
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,11 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
         return tokenizer.decode(kept, skip_special_tokens=True).strip()  # as `generate`'s `decode_answer`
 
     async def complete(job: Job, request_id: str) -> ChatCompletion:
-        async for item in engine.run(job, False, request_id):
-            if isinstance(item, Done):
+        try:
+            done = [item async for item in engine.run(job, False, request_id) if isinstance(item, Done)]
+        except ValueError as error:  # settings transformers refuses only once generating
+            raise HTTPException(status_code=400, detail=f"generation settings: {error}") from None
+        for item in done:
                 text = answer_text(item.ids)
                 return ChatCompletion(id=f"chatcmpl-{request_id}", model=name, usage=usage(job, item.ids), choices=[
                     Choice(message=AnswerMessage(content=text), finish_reason=finish_reason(item.ids, text, job.config))])
@@ -167,14 +170,17 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
         chunk = lambda **fields: ChatCompletionChunk(id=f"chatcmpl-{request_id}", model=name, **fields).event()  # noqa: E731
         yield chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
         stripped = Stripped()
-        async for item in engine.run(job, True, request_id):
-            if isinstance(item, Done):
-                reason = finish_reason(item.ids, answer_text(item.ids), job.config)
-                yield chunk(choices=[ChunkChoice(delta=Delta(), finish_reason=reason)])
-                if include_usage:
-                    yield chunk(choices=[], usage=usage(job, item.ids))
-            elif text := stripped.feed(item):
-                yield chunk(choices=[ChunkChoice(delta=Delta(content=text))])
+        try:
+            async for item in engine.run(job, True, request_id):
+                if isinstance(item, Done):
+                    reason = finish_reason(item.ids, answer_text(item.ids), job.config)
+                    yield chunk(choices=[ChunkChoice(delta=Delta(), finish_reason=reason)])
+                    if include_usage:
+                        yield chunk(choices=[], usage=usage(job, item.ids))
+                elif text := stripped.feed(item):
+                    yield chunk(choices=[ChunkChoice(delta=Delta(content=text))])
+        except ValueError as error:  # the answer has begun (HTTP 200): the refusal is the stream's last event
+            yield f"data: {json.dumps(error_body(f'generation settings: {error}', 400))}\n\n"
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
