@@ -19,7 +19,6 @@ import contextlib
 import logging
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -95,12 +94,12 @@ class Cancelled(StoppingCriteria):
 
 
 class OwnPath:
-    """`model.generate`, one request at a time in the order they came (one worker thread: one model, and a seed is
-    the global generator's)."""
+    """`model.generate`, one request at a time in the order they came (an asyncio lock, first come first served:
+    one model, and a seed is the global generator's)."""
 
     def __init__(self, model, tokenizer, pause=contextlib.nullcontext):
         self.model, self.tokenizer, self.pause = model, tokenizer, pause
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-generate")
+        self.turn = asyncio.Lock()
 
     def _generate(self, job: Job, streamer, cancelled: Cancelled) -> list[int]:
         device = next(self.model.parameters()).device
@@ -125,14 +124,19 @@ class OwnPath:
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) \
             if stream else None
         cancelled = Cancelled()
-        future = loop.run_in_executor(self.worker, self._generate, job, streamer, cancelled)
-        try:
-            if streamer is not None:
-                async for text in streamer:
-                    yield text
-            yield Done(await future)
-        finally:
-            cancelled.event.set()  # a client gone mid-answer: the model stops at its next token
+        async with self.turn:
+            future = loop.run_in_executor(None, self._generate, job, streamer, cancelled)
+            try:
+                if streamer is not None:
+                    async for text in streamer:
+                        yield text
+                ids = await future
+            finally:
+                cancelled.event.set()  # a client gone mid-answer: the model stops at its next token
+                if not future.done():  # and the next request's turn waits for that
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(future)
+        yield Done(ids)
 
 
 class SharedBatch:
