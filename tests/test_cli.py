@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, as_printed
 
 REQUIRED_METRICS = {"base_eval_loss", "eval_loss", "base_eval_perplexity", "eval_perplexity", "train_loss",
                     "train_runtime", "train_tokens_per_second", "rouge1", "rouge2", "rougeL", "bleu", "eos_rate",
@@ -80,7 +80,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
     printed = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8).stdout
     model, tokenizer = load_for_inference(str(out), device="cpu")
-    assert printed == generate(model, tokenizer, "Name a color.", max_new_tokens=8)["text"] + "\n"
+    assert printed == as_printed(generate(model, tokenizer, "Name a color.", max_new_tokens=8)["text"]) + "\n"
     env_without_token = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     exported = subprocess.run([sys.executable, "-m", "tinyllama_ft", "export", "--adapter", str(out), "--out",
                                str(tmp_path / "merged"), "--push_to_hub", "someone/tiny"], cwd=ROOT,

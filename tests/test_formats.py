@@ -407,7 +407,7 @@ def test_stories260k_learns_from_conversations(stories_dir, dolly_rows, tmp_path
 
 
 def test_preview_of_conversations_through_the_command_line(tinyllama_tokenizer, tmp_path):
-    from conftest import ROOT
+    from conftest import ROOT, as_printed
     import subprocess
     import sys
 
@@ -429,7 +429,7 @@ def test_preview_of_conversations_through_the_command_line(tinyllama_tokenizer, 
 @pytest.mark.slow
 def test_smoke_preset_on_conversations_through_the_command_line(tmp_path):
     """train, then generate with the run's saved system prompt (or another), from the shell."""
-    from conftest import ROOT
+    from conftest import ROOT, as_printed
     import subprocess
     import sys
 
@@ -452,7 +452,7 @@ def test_smoke_preset_on_conversations_through_the_command_line(tmp_path):
     for flags, system_prompt in (([], "Answer in one sentence."), (["--system_prompt", ""], None)):
         printed = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8, *flags)
         expected = generate(model, tokenizer, "Name a color.", max_new_tokens=8, system_prompt=system_prompt)
-        assert printed.stdout == expected["text"] + "\n", flags
+        assert printed.stdout == as_printed(expected["text"]) + "\n", flags
 
 
 def test_readme_examples_are_the_formats_they_document(tinyllama_tokenizer):
