@@ -40,6 +40,9 @@ NOISY_RECORDS = [
 
 
 class _DropRecords(logging.Filter):
+    """Drops a logger's records whose message starts with one of `starts` (a filter stays when a library resets
+    its logger's level on import, as DeepSpeed does)."""
+
     def __init__(self, starts: tuple[str, ...]):
         super().__init__()
         self.starts = starts
