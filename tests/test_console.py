@@ -202,8 +202,8 @@ def test_a_hub_that_cannot_be_reached_is_one_line_at_once(args, names, tmp_path)
 def test_a_missing_data_file_is_said_before_the_model_is_looked_for(tmp_path):
     result = run("train", "--dataset_name", "missing.jsonl", "--output_dir", "r",
                  env={"HF_ENDPOINT": closed_port_url(), "HF_HUB_OFFLINE": None}, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: dataset file missing.jsonl does not exist: check --dataset_name"]
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: dataset file missing.jsonl does not exist: check --dataset_name"]
 
 
 @pytest.mark.slow
