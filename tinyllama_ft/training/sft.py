@@ -21,6 +21,7 @@ from ..data.prepare import Data, prepare_data
 from ..evaluation.dolly import evaluate_base, evaluate_loss, evaluate_model, summarize
 from ..model.loading import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
 from ..settings.config import Config
+from ..settings.device import check_training_device, device_line
 from ..settings.memory import decide_checkpointing
 from ..settings.precision import compute_dtype
 from ..storage.fingerprint import apply_new_cadence, check_resume, fingerprint
@@ -190,9 +191,12 @@ class Run:
         self.config, self.timings = config, Timings()
 
     def check(self) -> None:
-        """Before anything loads: the output folder, the settings against the model's shape; then the seed."""
+        """Before anything loads: the output folder, the settings against the model's shape, a model too big for
+        the CPU where no GPU is visible (`settings.device`); then the seed."""
         check_output_dir(self.config)
-        check_model_shape(self.config)
+        parameters = check_model_shape(self.config)
+        check_training_device(self.config, self.config.model_name_or_path, parameters)
+        log.info("%s", device_line(self.config))
         set_seed(self.config.seed)
         # Where it writes: output_dir, or beside the run it replaces (untouched until this one is complete)
         self.folder = training_folder(self.config)
