@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer, TrlParser
 from ..data.pairs import parse_pair_columns
 from ..errors import UserError
 from ..settings.device import check_training_device, device_line, remember_cpu_request
+from ..settings.paths import recorded
 from ..settings.precision import set_precision
 from ..settings.sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
 from ..storage.run_folder import StagedCheckpoints
@@ -338,7 +339,7 @@ def train_dpo(config: DpoConfig) -> dict:
     with timings("load_model"):
         model = load_policy(config)
         trainer = build_dpo_trainer(config, model, tokenizer, pairs, folder)
-        trainer.fingerprint, trainer.run_config = defining, json.loads(config.to_json())  # into each checkpoint
+        trainer.fingerprint, trainer.run_config = defining, recorded(json.loads(config.to_json()))  # each checkpoint
     with timings("evaluate_before"):
         before = evaluate_stage(config, model, tokenizer, pairs, sft_data)
     with timings("train"):

@@ -23,6 +23,7 @@ from ..model.loading import check_model_shape, count_parameters, load_model, loa
 from ..settings.config import Config
 from ..settings.device import check_training_device, device_line
 from ..settings.memory import decide_checkpointing
+from ..settings.paths import recorded
 from ..settings.precision import compute_dtype
 from ..storage.fingerprint import apply_new_cadence, check_resume, fingerprint
 from ..storage.run_folder import (StagedCheckpoints, check_output_dir, finish_run, meet_when_saved, resume_path,
@@ -116,7 +117,7 @@ def build_trainer(config: Config, model, tokenizer, data: Data, folder: str | Pa
     trainer = Trainer(model=model, args=trainer_config(config, folder), train_dataset=data.dataset("train"),
                       eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=[NewCadence()])
     trainer.fingerprint = fingerprint(config, data.examples("train"))  # written into each checkpoint
-    trainer.run_config = json.loads(config.to_json())
+    trainer.run_config = recorded(json.loads(config.to_json()))  # paths as run_config.json records them
     return trainer
 
 
