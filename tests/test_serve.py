@@ -283,7 +283,7 @@ def test_serve_refuses_a_transformers_it_was_not_written_for_in_one_line_before_
     assert main(["serve", "--adapter", str(run), "--port", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: serve needs transformers 5.24 (its server's API changed in 5.25), found {found}: "
-        "pip install 'transformers[serving]>=5.24,<5.25'"]
+        'pip install "transformers[serving]>=5.24,<5.25"']
 
 
 @pytest.mark.parametrize("body, refused", [

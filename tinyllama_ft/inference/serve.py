@@ -56,7 +56,7 @@ def check_server_version() -> None:
 
     if not Version("5.24") <= Version(transformers.__version__) < Version("5.25"):
         raise UserError(f"serve needs transformers 5.24 (its server's API changed in 5.25), found "
-                        f"{transformers.__version__}: pip install {SERVER_REQUIREMENT!r}")
+                        f"{transformers.__version__}: pip install \"{SERVER_REQUIREMENT}\"")
 
 
 def check_prompt_ids(tokenizer) -> None:
@@ -131,7 +131,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
         from transformers.cli.serving.model_manager import ModelManager
         from transformers.cli.serving.utils import GenerationState
     except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
-        raise UserError(f"serve needs transformers' server ({error}): pip install {SERVER_REQUIREMENT!r}") from None
+        raise UserError(f"serve needs transformers' server ({error}): pip install \"{SERVER_REQUIREMENT}\"") from None
 
     check_prompt_ids(tokenizer)  # transformers' server renders the saved template itself
 
