@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from peft import PeftConfig
 
 from ..errors import UserError

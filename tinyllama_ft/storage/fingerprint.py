@@ -3,9 +3,9 @@ resumes: a resumed run continues the same run, or is refused in one line naming 
 
 Defining (a change is refused): the model; the data (its content hash where it is local, whatever the path's
 spelling; a hash of the training rows' token ids and labels, in order; and the settings that choose and format
-them); the LoRA shape and targets; the optimizer and
-schedule; the batch (per device, accumulation, processes); the precision; the seed. A DPO stage's list is
-`DPO_DEFINING`, with a hash of its SFT adapter's weights and of its pairs.
+them); the LoRA shape and targets; the optimizer and schedule; the batch (per device, accumulation, processes);
+the precision; the seed. A DPO stage's list is `DPO_DEFINING`, with a hash of its SFT adapter's weights and of
+its pairs.
 
 Free to change (they cannot alter what is learned; the new values apply from the resumed step on and are
 what `run_config.json` records): logging_steps, eval_steps, eval_strategy, save_steps, save_total_limit,
