@@ -78,12 +78,17 @@ def test_small_models_pass_the_check_and_every_run_logs_its_device_and_precision
 
     for model in (stories_dir, "tiny-random-llama"):
         config = parse_config([], model_name_or_path=model, dataset_name=dolly_path, output_dir=str(tmp_path / "x"),
-                              max_length=512)
+                              max_length=512, train_size=16, eval_size=0, test_size=0, num_generate=0)
+        run = Run(config)
         with caplog.at_level(logging.INFO, logger="tinyllama_ft.training.sft"):
-            Run(config).check()
+            run.check()
+            run.prepare_data()
+            assert not [r for r in caplog.records if r.getMessage().startswith("training on ")]  # bad data: its error only
+            run.load_model()
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training on ")]
-        assert lines and f"precision {config.precision}" in lines[-1]
-        assert ("the CPU" if accelerator() is None else accelerator()) in lines[-1]
+        assert len(lines) == 1 and f"precision {config.precision}" in lines[0]
+        assert ("the CPU" if accelerator() is None else accelerator()) in lines[0]
+        caplog.clear()
 
 
 def test_the_cuda_build_is_the_newest_the_driver_runs():

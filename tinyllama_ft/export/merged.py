@@ -37,8 +37,8 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     model card. Written into a hidden folder and renamed: `out_dir` is whole or absent."""
     out = Path(out_dir)
     check_export_out(adapter_dir, out)
+    merged, tokenizer = load_merged(adapter_dir)  # checks the folder first
     dtype = stored_dtype(source_checkpoint(adapter_dir))
-    merged, tokenizer = load_merged(adapter_dir)
     merged = merged.to(dtype)  # rounded once, after the merge
     run = run_folder_of(adapter_dir)  # a checkpoint's settings are its run's
     with written_folder(out, "merging") as tmp:

@@ -323,7 +323,6 @@ def train_dpo(config: DpoConfig) -> dict:
     resolve_from_sft(config, sft_run_config)
     check_training_device(config, config.model_name_or_path,
                           model_parameters(config.model_name_or_path, config.trust_remote_code))
-    log.info("%s", device_line(config))
     folder = training_folder(config)  # output_dir, or beside the run it replaces (untouched until this one is complete)
     set_seed(config.seed)
     with timings("prepare_data"):
@@ -337,6 +336,7 @@ def train_dpo(config: DpoConfig) -> dict:
         log.info("configuration:\n%s", config.to_json())
         log.info("pairs: %s", pairs.stats())
     with timings("load_model"):
+        log.info("%s", device_line(config))  # after the checks: bad input shows only its error
         model = load_policy(config)
         trainer = build_dpo_trainer(config, model, tokenizer, pairs, folder)
         trainer.fingerprint, trainer.run_config = defining, recorded(json.loads(config.to_json()))  # each checkpoint

@@ -197,7 +197,6 @@ class Run:
         check_output_dir(self.config)
         parameters = check_model_shape(self.config)
         check_training_device(self.config, self.config.model_name_or_path, parameters)
-        log.info("%s", device_line(self.config))
         set_seed(self.config.seed)
         # Where it writes: output_dir, or beside the run it replaces (untouched until this one is complete)
         self.folder = training_folder(self.config)
@@ -216,6 +215,7 @@ class Run:
     def load_model(self):
         """The base model with LoRA adapters (`setup_model`) and its trainer (`build_trainer`)."""
         with self.timings("load_model"):
+            log.info("%s", device_line(self.config))  # after the checks: bad input shows only its error
             self.model = setup_model(self.config, self.tokenizer)
             self.trainer = build_trainer(self.config, self.model, self.tokenizer, self.data, self.folder)
         return self.model
