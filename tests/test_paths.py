@@ -47,6 +47,8 @@ def test_relative_paths_are_kept_as_given_and_absolute_ones_shared_by_name_and_c
     shared = recorded(absolute, public=True)
     assert shared == kept | {"dataset_name": f"rows.jsonl (sha256 {content_hash(data)})"}
     assert recorded({"sft_run_config": absolute}, public=True) == {"sft_run_config": shared}
+    gone = {"dataset_name": str(tmp_path / "moved.jsonl")}  # no longer there: its name, still no folder
+    assert recorded(gone) == gone and recorded(gone, public=True) == {"dataset_name": "moved.jsonl"}
     hub = {"dataset_name": "databricks/databricks-dolly-15k"}
     assert recorded(hub, public=True) == hub
 

@@ -51,11 +51,11 @@ def recorded_path(path: str) -> str:
 
 def recorded_data(name: str | None, public: bool = False) -> str | None:
     """`dataset_name` as a record names it (the module docstring)."""
-    if name is None or _RECORD.fullmatch(name) or not Path(name).is_absolute() or not Path(name).exists():
+    if name is None or _RECORD.fullmatch(name) or not Path(name).is_absolute():
         return name  # a hub id, a relative path as given, or already recorded
     if not public and not is_bundled(name):
         return name  # the user's own absolute path: the run folder must find the data again
-    return f"{Path(name).name} (sha256 {content_hash(name)})"
+    return f"{Path(name).name} (sha256 {content_hash(name)})" if Path(name).exists() else Path(name).name
 
 
 def is_bundled(name: str) -> bool:
