@@ -41,11 +41,12 @@ def test_relative_paths_are_kept_as_given_and_absolute_ones_shared_by_name_and_c
     monkeypatch.chdir(tmp_path)
     as_given = {"dataset_name": "data/rows.jsonl", "output_dir": "runs/x", "adapter": "../runs/sft"}
     assert recorded(as_given) == recorded(as_given, public=True) == as_given
-    absolute = {"dataset_name": str(data), "output_dir": str(tmp_path / "runs" / "x"), "model_name_or_path": "m"}
+    absolute = {"dataset_name": str(data), "output_dir": str(tmp_path / "runs" / "x"), "model_name_or_path": "m",
+                "adapter": str(tmp_path / "runs" / "sft")}
     kept = recorded(absolute)  # the run folder: the user's data path finds the data again (DPO reads it)
     assert kept == absolute | {"output_dir": "x"}
     shared = recorded(absolute, public=True)
-    assert shared == kept | {"dataset_name": f"rows.jsonl (sha256 {content_hash(data)})"}
+    assert shared == kept | {"dataset_name": f"rows.jsonl (sha256 {content_hash(data)})", "adapter": "sft"}
     assert recorded({"sft_run_config": absolute}, public=True) == {"sft_run_config": shared}
     gone = {"dataset_name": str(tmp_path / "moved.jsonl")}  # no longer there: its name, still no folder
     assert recorded(gone) == gone and recorded(gone, public=True) == {"dataset_name": "moved.jsonl"}

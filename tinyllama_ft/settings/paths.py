@@ -2,11 +2,12 @@
 card that goes to the hub), and how a run's data is identified by its content rather than its spelling.
 
 `recorded(settings)`: the settings as run_config.json records them. A relative path is kept as given; an absolute
-`output_dir`, `adapter` or `resume_from_checkpoint` becomes its last name (nothing reads it back); an absolute
-`dataset_name` stays in the run folder where the user passed it (DPO reads the SFT run's data again from it), and
-becomes the file name and a content hash (`name (sha256 0123...)`) where it is the package's own sample, and in
-everything meant to be shared (`public=True`: the model card, a merged export's run_config.json). A bundled
-sample recorded that way is found again by `find_recorded_data`.
+`output_dir` or `resume_from_checkpoint` becomes its last name (nothing reads it back). An absolute `dataset_name`
+or `adapter` (a DPO run's SFT run) stays in the run folder where the user passed it, as DPO reads the SFT run's
+data again from it and a DPO run names its SFT run; in everything meant to be shared (`public=True`: the model
+card, a merged export's run_config.json) the data becomes its file name and content hash (`name (sha256
+0123...)`), as the package's own sample does everywhere, and the adapter its last name. A bundled sample recorded
+that way is found again by `find_recorded_data`.
 
 `data_identity(name)`: what the resume fingerprint compares: a content hash for local data, so that `./x.jsonl`,
 `x.jsonl` and (on Windows) `data\\x.jsonl` are the same data, and other data is not.
@@ -18,7 +19,7 @@ import hashlib
 import re
 from pathlib import Path
 
-PATH_FIELDS = ("output_dir", "adapter", "resume_from_checkpoint", "logging_dir")  # never read back from a record
+PATH_FIELDS = ("output_dir", "resume_from_checkpoint", "logging_dir")  # never read back from a record
 SAMPLES = Path(__file__).parents[1] / "samples"  # the package's bundled data
 _RECORD = re.compile(r"(?P<name>.+) \(sha256 (?P<hash>[0-9a-f]{16})\)")
 
@@ -76,7 +77,7 @@ def recorded(settings: dict, public: bool = False) -> dict:
     """`settings` (a configuration's `to_json()` as a dict) as a file we write records it (the module docstring);
     a DPO run's `sft_run_config` likewise."""
     out = dict(settings)
-    for field in PATH_FIELDS:
+    for field in PATH_FIELDS + (("adapter",) if public else ()):
         if isinstance(out.get(field), str):
             out[field] = recorded_path(out[field])
     if isinstance(out.get("dataset_name"), str):
