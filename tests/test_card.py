@@ -80,3 +80,66 @@ def test_run_folder_and_merged_export_carry_the_card(tmp_path):
     expected = generate(model, tokenizer, "Name three primes.", max_new_tokens=16, progress=False)["text"]
     merged_model, merged_tokenizer = load_saved(str(merged), device="cpu")
     assert Chat(merged_model, merged_tokenizer, max_new_tokens=16).ask("Name three primes.") == expected
+
+
+# --- the card's commands work when pasted, whatever the folder is called -----------------------------------------
+
+import ast  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+
+from hypothesis import given, seed, settings, strategies as st  # noqa: E402
+
+from conftest import FUZZ_SEED  # noqa: E402
+from tinyllama_ft.report.commands import ollama_name, usage_section  # noqa: E402
+
+OLLAMA_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,78}[a-z0-9]|[a-z0-9]")
+PATHS = [r"runs\tinyllama-dolly", r"C:\Users\Ann O'Neil\runs\my run (v2)", "runs/my run (v2)", 'a "quoted" run',
+         "it's $HOME `x`", "runs/ünïcode ✓"]
+segment = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=12).filter(
+    lambda s: s.strip() and "\x00" not in s)
+
+
+def commands_of(card: str) -> tuple[list[list[str]], list[ast.Module]]:
+    """Each shell command of the card's ```bash blocks as shlex reads it, and each ```python block parsed."""
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", card, re.S)
+    shell = [shlex.split(line, comments=True) for kind, text in blocks if kind == "bash"
+             for line in text.replace("\\\n", " ").splitlines() if line.strip()]
+    return shell, [ast.parse(text) for kind, text in blocks if kind == "python"]
+
+
+def check_usage(run_dir: str, merged_to: str | None = None) -> None:
+    here = merged_to or run_dir
+    name = here.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    shell, python = commands_of(usage_section(name, run_dir, merged_to))
+    adapters = [words[words.index("--adapter") + 1] for words in shell if "--adapter" in words]
+    assert adapters and set(adapters) <= {here, run_dir}, (adapters, here)
+    outs = {words[words.index("--out") + 1] for words in shell if "--out" in words}
+    assert outs == ({run_dir + "-gguf"} if merged_to else {run_dir + "-merged", run_dir + "-gguf"})
+    ollama = [words for words in shell if words[0] == "ollama"]
+    assert ollama[0][:2] == ["ollama", "create"] and ollama[0][3:] == ["-f", run_dir + "-gguf/Modelfile"]
+    assert OLLAMA_NAME.fullmatch(ollama[0][2]) and ollama[1] == ["ollama", "run", ollama[0][2]]
+    request = next(words for words in shell if words[0] == "curl")
+    assert json.loads(request[request.index("-d") + 1])["model"] == ollama[0][2]
+    strings = {node.value for tree in python for node in ast.walk(tree) if isinstance(node, ast.Constant)}
+    assert here in strings
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_card_command_parses_and_keeps_a_hard_path_whole(path):
+    check_usage(path)
+    check_usage("runs/tinyllama-dolly", merged_to=path)
+    assert "double quotes" in usage_section("x", path, None)  # the Windows shells' quoting, said once
+
+
+@seed(FUZZ_SEED)
+@settings(max_examples=60, deadline=None)
+@given(st.lists(segment, min_size=1, max_size=3), st.booleans(), st.booleans())
+def test_card_commands_parse_for_any_folder_name(parts, windows, merged):
+    path = ("\\" if windows else "/").join(parts)
+    check_usage(path) if not merged else check_usage("runs/x", merged_to=path)
+
+
+def test_ollama_names_are_valid_and_keep_what_they_can():
+    assert ollama_name("my run (v2)") == "my-run-v2" and ollama_name("TinyLlama-Dolly") == "tinyllama-dolly"
+    assert ollama_name("((()))") == "tinyllama-ft" and OLLAMA_NAME.fullmatch(ollama_name("x" * 200 + "!"))

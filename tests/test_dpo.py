@@ -227,12 +227,13 @@ def test_the_dpo_run_folder_is_a_run_like_sfts():
             "split.json", "log_history.json", "README.md", f"checkpoint-{STEPS}"} <= names
     assert "ref" not in names and not (out / f"checkpoint-{STEPS}" / "ref").exists()  # the frozen copy stays out
     run_config = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
-    assert run_config["stage"] == "dpo" and run_config["adapter"] == str(stories_run())
-    assert run_config["sft_run_config"]["output_dir"] == str(stories_run())
+    assert run_config["stage"] == "dpo" and run_config["adapter"] == str(stories_run())  # how it names its SFT run
+    assert run_config["sft_run_config"]["output_dir"] == stories_run().name  # no folder of this machine it needs not
     adapter_config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     assert adapter_config["base_model_name_or_path"] == str(asset("stories260k"))
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "two stages" in card and "preference accuracy" in card and "DPOTrainer" in card
+    assert str(stories_run()) not in card  # the card may be shared: the SFT run by its name
     assert set(metrics_of(out)["timings"]) >= {"prepare_data", "train", "evaluate_before", "evaluate_after", "save"}
     assert "rewards/accuracies" in json.loads((out / "log_history.json").read_text(encoding="utf-8"))[0]
 

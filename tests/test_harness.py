@@ -21,7 +21,7 @@ from conftest import ROOT
 from runs import cli, stories_run
 
 if os.environ.get("REQUIRE_LM_EVAL") != "1":  # CI installs it and sets REQUIRE_LM_EVAL=1: there a missing one fails
-    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -e '.[eval]'")
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -e \".[eval]\"")
 
 from tinyllama_ft import harness  # noqa: E402
 from tinyllama_ft.cli import main  # noqa: E402

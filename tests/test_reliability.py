@@ -14,14 +14,18 @@ import sys
 import time
 
 import pytest
-from safetensors.torch import load_file
 
-from conftest import ROOT
-from tinyllama_ft import parse_config
-from tinyllama_ft.storage.run_folder import check_output_dir, resume_path, training_folder
-from tinyllama_ft.storage.saved_model import check_saved_folder
-from tinyllama_ft.cli import main
-from tinyllama_ft.errors import UserError
+if not hasattr(signal, "SIGKILL"):  # Windows: no SIGKILL (nor a SIGTERM that arrives), which the stops below send
+    pytest.skip("stops runs with POSIX signals (SIGKILL, SIGTERM)", allow_module_level=True)
+
+from safetensors.torch import load_file  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+from tinyllama_ft import parse_config  # noqa: E402
+from tinyllama_ft.storage.run_folder import check_output_dir, resume_path, training_folder  # noqa: E402
+from tinyllama_ft.storage.saved_model import check_saved_folder  # noqa: E402
+from tinyllama_ft.cli import main, setup_process  # noqa: E402
+from tinyllama_ft.errors import UserError  # noqa: E402
 
 RUN = ["--preset", "smoke", "--max_steps", "8", "--save_steps", "2", "--eval_steps", "100", "--num_generate", "0"]
 RESUME = ["--resume_from_checkpoint", "true"]
@@ -236,3 +240,19 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path
     config = parse_config(RUN + ["--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(tmp_path)])
     with pytest.raises(UserError, match="is not a checkpoint"):
         resume_path(config)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="stands SIGUSR1 in for SIGBREAK")
+def test_ctrl_break_stops_like_ctrl_c_where_windows_has_it(monkeypatch):
+    """Windows sends no SIGTERM, and Ctrl-Break is SIGBREAK there: handled like SIGTERM, it raises the
+    KeyboardInterrupt that `train` turns into the restart hint. Here a POSIX signal stands in for it."""
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        setup_process()
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signum)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

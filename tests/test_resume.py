@@ -8,12 +8,16 @@ import json
 import re
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
-from test_reliability import RUN, stop_at, train as train_cli
-from tinyllama_ft import parse_config, train
-from tinyllama_ft.errors import UserError
+if not hasattr(signal, "SIGKILL"):  # Windows: the stopped runs below are stopped with SIGKILL
+    pytest.skip("stops runs with SIGKILL, which Windows does not have", allow_module_level=True)
+
+from test_reliability import RUN, stop_at, train as train_cli  # noqa: E402
+from tinyllama_ft import parse_config, train  # noqa: E402
+from tinyllama_ft.errors import UserError  # noqa: E402
 
 RESUME = ["--resume_from_checkpoint", "true"]
 
@@ -114,3 +118,16 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(name, text, words, sto
     target.unlink() if text is None else target.write_text(text, encoding="utf-8")
     with pytest.raises(UserError, match=re.escape(words)):
         train(parse_config(RUN + ["--output_dir", str(out), *RESUME]))
+
+
+@pytest.mark.slow
+def test_the_same_data_spelled_otherwise_resumes(stopped, no_model, monkeypatch):
+    """The checkpoint's data by content: another spelling of the file, or a copy of it, continues the run (the
+    model then loads); other data is refused (REFUSED above)."""
+    sample = Path(parse_config(RUN).dataset_name)
+    shutil.copy(sample, stopped.parent / "copy.jsonl")
+    monkeypatch.chdir(sample.parent.parent)
+    for spelling in (f"./{sample.parent.name}/{sample.name}", f"{sample.parent.name}//{sample.name}",
+                     str(stopped.parent / "copy.jsonl")):
+        with pytest.raises(ModelLoads):
+            train(parse_config(RUN + ["--output_dir", str(stopped), *RESUME, "--dataset_name", spelling]))

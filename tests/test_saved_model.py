@@ -104,3 +104,34 @@ def test_an_export_that_fails_leaves_nothing_behind(fmt, folders, tmp_path, monk
     assert not out.exists() and list(out.parent.iterdir()) == []
     left = {p.name for p in Path(tempfile.gettempdir()).iterdir()} - temp
     assert not [name for name in left if name.startswith((".merging-", ".gguf-"))], left
+
+
+@pytest.mark.slow  # a short stories260k run on its weights saved in bf16, then the export (~40 s)
+def test_the_merged_export_keeps_the_base_checkpoints_dtype(tmp_path, stories_dir, dolly_path, caplog):
+    """A bf16 base trained and merged on the CPU in fp32 is still written in bf16 (not twice its size in fp32), and
+    answers with the adapter's greedy tokens."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runs import cli
+
+    base = tmp_path / "stories-bf16"
+    AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(stories_dir).save_pretrained(base)
+    run = tmp_path / "run"
+    cli("train", "--model_name_or_path", base, "--dataset_name", dolly_path, "--output_dir", run, "--max_length", 512,
+        "--train_size", 64, "--eval_size", 8, "--test_size", 8, "--num_generate", 0, "--max_steps", 6,
+        "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1, "--learning_rate", "3e-3",
+        "--eval_steps", 1000, "--save_steps", 1000, "--precision", "fp32", "--lora_r", 8, "--lora_alpha", 16)
+    with caplog.at_level("INFO", logger="tinyllama_ft.export.merged"):
+        merged = export_merged(str(run), str(tmp_path / "merged"))
+    assert any("in bfloat16" in r.getMessage() for r in caplog.records)  # it says which dtype it wrote
+    assert json.loads((merged / "config.json").read_text(encoding="utf-8"))["dtype"] == "bfloat16"
+    with safe_open(merged / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    prompts = ["Name three primes.", "Give me three uses of a brick.", "Who wrote Hamlet?", "What is a noun?"]
+    adapter, tokenizer = load_saved(str(run), device="cpu")
+    expected = [generate(adapter, tokenizer, p, max_new_tokens=16, progress=False)["text"] for p in prompts]
+    model, tokenizer = load_saved(str(merged), device="cpu")
+    assert [generate(model, tokenizer, p, max_new_tokens=16, progress=False)["text"] for p in prompts] == expected

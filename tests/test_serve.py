@@ -287,7 +287,7 @@ def test_serve_refuses_a_transformers_it_was_not_written_for_in_one_line_before_
     monkeypatch.setattr(transformers, "__version__", found)
     assert main(["serve", "--adapter", str(run), "--port", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: serve needs transformers>=5.24,<6, found {found}: pip install 'transformers>=5.24,<6'"]
+        f"error: serve needs transformers>=5.24,<6, found {found}: pip install \"transformers>=5.24,<6\""]
 
 
 @pytest.mark.parametrize("found", ["5.24.0", "5.25.0", "5.99.0"])

@@ -1,4 +1,5 @@
-"""`python -m tinyllama_ft {config,preview,train,generate,chat,serve,export,evaluate,bench}`: every error is one line."""
+"""`python -m tinyllama_ft {config,preview,train,dpo,generate,chat,serve,export,evaluate,bench,doctor}`: every error is one
+line."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ commands:
                                                   lm-eval; default: TinyLlama's EVAL.md set)
   bench     --preset cpu|gpu [--repeat N] [--out F.json]
                                                   seed configuration vs default, side by side
+  doctor                                          what this machine can do (torch build, GPU, bf16, versions,
+                                                  disk, hub), with the fix for what is missing; alias: env
 
 `python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks,
 --verbose for every library warning and the full configuration (known noise is silenced by default)."""
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     commands = {"config": cmd_config, "preview": cmd_preview, "train": cmd_train, "dpo": cmd_dpo,
                 "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export,
-                "evaluate": cmd_evaluate, "bench": cmd_bench}
+                "evaluate": cmd_evaluate, "bench": cmd_bench, "doctor": cmd_doctor, "env": cmd_doctor}
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
         return 2
@@ -92,10 +95,17 @@ def close_process_group() -> None:
         distributed.destroy_process_group()
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGBREAK")  # handled like Ctrl-C (SIGINT, which Python turns into KeyboardInterrupt)
+
+
 def setup_process(verbose: bool = False) -> None:
     """The console (`settings/console.py`: the log format, the known noise silenced unless `verbose`; only the
-    main process of a multi-process run talks) and SIGTERM handling."""
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: the last checkpoint stays usable
+    main process of a multi-process run talks) and the stop signals: `kill` (SIGTERM) and, on Windows, Ctrl-Break
+    (SIGBREAK; Windows sends no SIGTERM) stop like Ctrl-C: the last checkpoint stays usable and the restart hint
+    is printed."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):  # SIGBREAK exists only on Windows
+            signal.signal(getattr(signal, name), _interrupt)
     setup_console(verbose)
 
 
@@ -295,6 +305,13 @@ def cmd_bench(args: list[str]) -> None:
     from .bench.compare import main as bench_main
 
     bench_main(args)
+
+
+def cmd_doctor(args: list[str]) -> None:
+    from .settings.doctor import main as doctor_main
+
+    _parse(_parser("doctor"), args)
+    doctor_main()
 
 
 def _parser(command: str) -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TASKS = ("hellaswag", "openbookqa", "winogrande", "arc_challenge", "arc_easy", "boolq", "piqa")
 LOCAL_TASKS = Path(__file__).parents[1] / "samples" / "lm_eval"  # the bundled local task, read offline
 LOCAL_TASK = "dolly_mc"
-INSTALL = "pip install -e '.[eval]' in the checkout (or pip install 'lm-eval>=0.4.13,<0.5')"
+INSTALL = 'pip install -e ".[eval]" in the checkout (or pip install "lm-eval>=0.4.13,<0.5")'  # quotes for every shell
 HEADLINE = ("acc_norm", "acc", "exact_match", "f1")  # the metric a task's bar shows, first one it has
 
 

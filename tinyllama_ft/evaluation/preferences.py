@@ -94,9 +94,12 @@ def load_sft_validation(config, sft_run_config: dict, tokenizer):
     """The SFT run's data rebuilt from its `run_config.json` (its validation rows and generate rows, at
     most `config.num_generate` of those), checked against its `split.json` so the rows are its own."""
     from ..settings.config import parse_config
+    from ..settings.paths import find_recorded_data
     from ..data.prepare import prepare_data
 
     fields = {k: sft_run_config[k] for k in SFT_DATA_FIELDS if sft_run_config.get(k) is not None}
+    if "dataset_name" in fields:  # a bundled sample is recorded by its name and hash
+        fields["dataset_name"] = find_recorded_data(fields["dataset_name"])
     sft_config = parse_config(**fields, per_device_eval_batch_size=config.per_device_eval_batch_size,
                               max_new_tokens=config.max_new_tokens, tokenization_cache=False)
     try:

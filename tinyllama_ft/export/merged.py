@@ -3,13 +3,19 @@ folder (and, on request, uploaded to the hub). `export --format gguf` is `gguf.p
 
 from __future__ import annotations
 
-import shutil
+import logging
 from pathlib import Path
 
+from peft import PeftConfig
+
 from ..errors import UserError
+from ..model.loading import stored_dtype
 from ..report.card import read_run, write_card
-from ..storage.files import written_folder
+from ..settings.paths import recorded
+from ..storage.files import write_json, written_folder
 from ..storage.saved_model import load_merged, run_folder_of
+
+log = logging.getLogger(__name__)
 
 
 def check_export_out(adapter_dir: str, out: Path) -> None:
@@ -25,20 +31,32 @@ def check_export_out(adapter_dir: str, out: Path) -> None:
 
 
 def export_merged(adapter_dir: str, out_dir: str) -> Path:
-    """Merge the adapter into the base weights (`load_merged`) and save a standalone folder
-    (safetensors, tokenizer with chat template, generation config with the right EOS, the run's
-    settings and model card). Written into a hidden folder and renamed: `out_dir` is whole or absent."""
+    """Merge the adapter into the base weights (`load_merged`, in fp32) and save a standalone folder in the
+    base checkpoint's own dtype (`stored_dtype`: a bf16 base gives a bf16 export, whatever device or precision
+    ran), with the tokenizer and chat template, a generation config with the right EOS, the run's settings and
+    model card. Written into a hidden folder and renamed: `out_dir` is whole or absent."""
     out = Path(out_dir)
     check_export_out(adapter_dir, out)
-    merged, tokenizer = load_merged(adapter_dir)
+    merged, tokenizer = load_merged(adapter_dir)  # checks the folder first
+    dtype = stored_dtype(source_checkpoint(adapter_dir))
+    merged = merged.to(dtype)  # rounded once, after the merge
     run = run_folder_of(adapter_dir)  # a checkpoint's settings are its run's
     with written_folder(out, "merging") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if (run / "run_config.json").is_file():  # the system prompt travels with the model
-            shutil.copy(run / "run_config.json", tmp / "run_config.json")
+        if (run / "run_config.json").is_file():  # the system prompt travels with the model; no path of this machine
+            write_json(tmp / "run_config.json", recorded(read_run(run)[0], public=True))
         write_card(tmp, *read_run(run), tokenizer, merged_to=out_dir)
+    log.info("wrote %s in %s, the dtype of the base checkpoint %s", out, str(dtype).removeprefix("torch."),
+             source_checkpoint(adapter_dir))
     return out
+
+
+def source_checkpoint(folder: str) -> str:
+    """The checkpoint whose weights an export starts from: a run's base model, or a merged export itself."""
+    if (Path(folder) / "adapter_config.json").is_file():
+        return PeftConfig.from_pretrained(folder).base_model_name_or_path
+    return folder
 
 
 def push_to_hub(folder: str, repo_id: str) -> str:

@@ -45,7 +45,7 @@ def check_server_version() -> None:
 
     if not Version("5.24") <= Version(transformers.__version__) < Version("6"):
         raise UserError(f"serve needs transformers{TRANSFORMERS_RANGE}, found {transformers.__version__}: "
-                        f"pip install 'transformers{TRANSFORMERS_RANGE}'")
+                        f"pip install \"transformers{TRANSFORMERS_RANGE}\"")
 
 
 def check_prompt_ids(tokenizer) -> None:
@@ -89,7 +89,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
         from fastapi import FastAPI, HTTPException, Request
         from fastapi.responses import JSONResponse, StreamingResponse
     except ImportError as error:
-        raise UserError(f"serve needs FastAPI and uvicorn ({error}): pip install 'tinyllama-ft[serve]'") from None
+        raise UserError(f"serve needs FastAPI and uvicorn ({error}): pip install \"tinyllama-ft[serve]\"") from None
 
     engine = Engine(model, tokenizer, continuous_batching,
                     serving_cache_config(model) if continuous_batching else None)

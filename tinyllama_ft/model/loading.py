@@ -71,11 +71,27 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_imple
     return model
 
 
-def check_model_shape(config) -> None:
+def stored_dtype(name_or_path: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in, from its config (`dtype`, `torch_dtype` in older files);
+    float32 where it names none (the tiny random model is built in float32)."""
+    if name_or_path == TINY_RANDOM_LLAMA:
+        return torch.float32
+    from transformers import AutoConfig
+
+    try:
+        dtype = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).dtype
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read the model config of {name_or_path!r} ({str(error).splitlines()[0]}): make "
+                        "the base model readable (a local folder, or the hub)") from None
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def check_model_shape(config) -> int:
     """Fail before any weights load where the settings contradict the model's shape, read from its config
     alone (a meta model; the tiny random one is built for real, as a meta model cannot be under ZeRO-3):
     a `lora_target_modules` name the architecture lacks, a `max_length` beyond its positions, a LoRA
-    rank above the layers it adapts."""
+    rank above the layers it adapts. Returns the model's number of parameters."""
     model = _shape_model(config.model_name_or_path, config.trust_remote_code)
     _check_targets(model, config.lora_target_modules)
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -90,6 +106,12 @@ def check_model_shape(config) -> None:
         name = min(widths, key=widths.get)
         raise UserError(f"lora_r {config.lora_r} is larger than {name}'s smallest dimension {widths[name]}, so "
                         f"the adapter is not low-rank: use --lora_r {widths[name]} or less")
+    return count_parameters(model)[1]
+
+
+def model_parameters(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """The number of parameters of a base model, counted from its config alone (no weights load)."""
+    return count_parameters(_shape_model(name_or_path, trust_remote_code))[1]
 
 
 def _shape_model(name_or_path: str, trust_remote_code: bool = False):

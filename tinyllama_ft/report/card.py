@@ -17,6 +17,8 @@ import yaml
 
 from ..data.encoding import encode_prompt
 from ..data.formats import format_user_turn
+from ..settings.paths import recorded, recorded_path
+from .commands import usage_section
 from .tables import comparison_rows, format_harness_table, is_smoke
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
@@ -45,6 +47,8 @@ def write_card(folder: str | Path, run_config: dict, metrics: dict, tokenizer, m
 
 def render_card(run_config: dict, metrics: dict, tokenizer, merged_to: str | None = None,
                 harness: dict | None = None) -> str:
+    run_config = recorded(run_config, public=True)  # a card is shared: no path of this machine in it
+    merged_to = None if merged_to is None else recorded_path(merged_to)
     if run_config.get("stage") == "dpo":  # a DPO run describes both of its stages
         return render_dpo_card(run_config, metrics, tokenizer, merged_to)
     run_dir = str(run_config.get("output_dir", "runs/model"))
@@ -214,35 +218,6 @@ def harness_section(results: dict) -> str:
     if results.get("chart"):
         lines += ["", f"![base vs fine-tuned]({results['chart']})"]
     return "\n".join(lines)
-
-
-def usage_section(name: str, run_dir: str, merged_to: str | None) -> str:
-    merged = merged_to is not None
-    here = merged_to if merged else run_dir
-    load = (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n'
-            f'model = AutoModelForCausalLM.from_pretrained("{here}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{here}")\n'
-            f'# or, with the same prompt code as training:\n'
-            f'from tinyllama_ft import load_saved\nmodel, tokenizer = load_saved("{here}")'
-            if merged else
-            f'from tinyllama_ft import generate, load_saved\n'
-            f'model, tokenizer = load_saved("{here}")   # the base model + this adapter\n'
-            f'print(generate(model, tokenizer, "Give me three uses of a brick.")["text"])')
-    export = "" if merged else (
-        f"python -m tinyllama_ft export --adapter {run_dir} --out {run_dir}-merged            # merged safetensors\n")
-    return "\n".join([
-        "## Use it", "", "```python", load, "```", "",
-        "From the command line, in a checkout of tinyllama-ft (greedy unless `--temperature` is given; the "
-        "prompt is built exactly as in training):", "", "```bash",
-        f"python -m tinyllama_ft chat --adapter {here}                       # multi-turn, streamed; /reset, /exit",
-        f"python -m tinyllama_ft serve --adapter {here} --port 8000          # OpenAI-compatible API",
-        "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
-        f"  -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name three primes.\"}}], "
-        "\"max_tokens\": 128}'",
-        export + f"python -m tinyllama_ft export --adapter {run_dir} --out {run_dir}-gguf "
-        "--format gguf --quantization q8_0   # llama.cpp / Ollama (from the run folder)",
-        f"ollama create {name.lower()} -f {run_dir}-gguf/Modelfile",
-        f"ollama run {name.lower()}", "```"])
 
 
 def limitations_section(metrics: dict) -> str:

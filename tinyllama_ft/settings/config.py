@@ -21,6 +21,7 @@ from trl import SFTConfig
 
 from ..errors import UserError
 from .columns import parse_columns
+from .device import remember_cpu_request
 from .memory import checkpointing_value
 from .precision import require_cuda_and, set_precision
 from .sources import close_match, config_path, parse_flags, read_yaml, where_unknown
@@ -229,6 +230,7 @@ class Config(SFTConfig):
             self.gradient_checkpointing = str(self.gradient_checkpointing).lower()
         validate(self)  # every field's declared type and range, whatever source it came from
         self._check_values()
+        remember_cpu_request(self)  # before the lines below set use_cpu themselves
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.use_cpu = True  # torchrun/accelerate on a CPU-only machine: one data-parallel run over gloo
         set_precision(self, self._precision_asked())

@@ -1,10 +1,11 @@
 """What defines a run, written into each checkpoint (`run_fingerprint.json`) and compared when a run
 resumes: a resumed run continues the same run, or is refused in one line naming every changed setting.
 
-Defining (a change is refused): the model; the data (a hash of the training rows' token ids and labels,
-in order, and the settings that choose and format them); the LoRA shape and targets; the optimizer and
-schedule; the batch (per device, accumulation, processes); the precision; the seed. A DPO stage's list is
-`DPO_DEFINING`, with a hash of its SFT adapter's weights and of its pairs.
+Defining (a change is refused): the model; the data (its content hash where it is local, whatever the path's
+spelling; a hash of the training rows' token ids and labels, in order; and the settings that choose and format
+them); the LoRA shape and targets; the optimizer and schedule; the batch (per device, accumulation, processes);
+the precision; the seed. A DPO stage's list is `DPO_DEFINING`, with a hash of its SFT adapter's weights and of
+its pairs.
 
 Free to change (they cannot alter what is learned; the new values apply from the resumed step on and are
 what `run_config.json` records): logging_steps, eval_steps, eval_strategy, save_steps, save_total_limit,
@@ -22,6 +23,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..settings.paths import data_identity
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ def fingerprint(config, train_examples: list[dict], defining: tuple[str, ...] = 
     """What defines the run of `config` on `train_examples`: its `defining` settings, `extra` values, a hash of the
     rows (`rows_hash` of their `keys`) and the number of processes."""
     values = {name: _plain(getattr(config, name, None)) for name in defining} | extra
+    if "dataset_name" in values:  # the data by its content: another spelling of the same file is the same run
+        values["dataset_name"] = data_identity(values["dataset_name"])
     return values | {"training_rows": rows_hash(train_examples, keys),
                      "processes": int(os.environ.get("WORLD_SIZE", "1"))}
 

@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..model.loading import is_model_folder
 from ..report.card import write_card
 from ..settings.config import RESUME_NEWEST, wants_resume
+from ..settings.paths import recorded
 from .files import finish_replacement, replacement_paths, swap_in, write_json
 from .fingerprint import FILE as FINGERPRINT_FILE
 
@@ -205,7 +206,7 @@ def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: 
         model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; run_config.json says the same
     tokenizer.save_pretrained(staging)
-    for name, data in (("run_config.json", json.loads(config.to_json())), ("split.json", split),
+    for name, data in (("run_config.json", recorded(json.loads(config.to_json()))), ("split.json", split),
                        ("log_history.json", log_history), ("generations.json", generations),
                        ("metrics.json", metrics)):
         write_json(staging / name, data)
@@ -244,6 +245,7 @@ class StagedCheckpoints:
             for file, data in ((FINGERPRINT_FILE, self.fingerprint), ("run_config.json", self.run_config)):
                 if data is not None:
                     write_json(Path(staging) / name / file, data)
+            (Path(staging) / name / "training_args.bin").unlink(missing_ok=True)  # a pickle of the paths as given
             os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
             shutil.rmtree(staging)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,

@@ -28,6 +28,8 @@ from trl import DPOConfig, DPOTrainer, TrlParser
 from ..data.pairs import parse_pair_columns
 from ..errors import UserError
 from ..settings.console import log_settings
+from ..settings.device import check_training_device, device_line, remember_cpu_request
+from ..settings.paths import recorded
 from ..settings.precision import set_precision
 from ..settings.sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
 from ..storage.run_folder import StagedCheckpoints
@@ -127,6 +129,7 @@ class DpoConfig(DPOConfig):
 
     def __post_init__(self):
         self._check_values()
+        remember_cpu_request(self)  # before set_precision may set use_cpu itself
         set_precision(self, self.precision)
         if self.activation_checkpointing is None:
             self.activation_checkpointing = self.gradient_checkpointing
@@ -309,7 +312,7 @@ def train_dpo(config: DpoConfig) -> dict:
     from ..storage.fingerprint import DPO_DEFINING, PAIR_KEYS, check_resume, file_hash, fingerprint
     from ..storage.run_folder import (check_output_dir, finish_run, meet_when_saved, resume_path, save_run,
                                       training_folder)
-    from ..model.loading import load_tokenizer
+    from ..model.loading import load_tokenizer, model_parameters
     from ..data.pairs import prepare_pairs
     from ..evaluation.preferences import evaluate_stage, load_sft_validation, summarize_dpo
     from ..storage.timings import Timings, write_timings
@@ -318,8 +321,10 @@ def train_dpo(config: DpoConfig) -> dict:
     timings = Timings()
     sft_run_config = check_sft_run(config.adapter)
     check_output_dir(config)
-    folder = training_folder(config)  # output_dir, or beside the run it replaces (untouched until this one is complete)
     resolve_from_sft(config, sft_run_config)
+    check_training_device(config, config.model_name_or_path,
+                          model_parameters(config.model_name_or_path, config.trust_remote_code))
+    folder = training_folder(config)  # output_dir, or beside the run it replaces (untouched until this one is complete)
     set_seed(config.seed)
     with timings("prepare_data"):
         tokenizer = load_tokenizer(config.adapter)
@@ -332,9 +337,10 @@ def train_dpo(config: DpoConfig) -> dict:
         log_settings(log, config, parse_dpo_config(["--adapter", config.adapter]), skip=("sft_run_config",))
         log.info("pairs: %s", pairs.stats())
     with timings("load_model"):
+        log.info("%s", device_line(config))  # after the checks: bad input shows only its error
         model = load_policy(config)
         trainer = build_dpo_trainer(config, model, tokenizer, pairs, folder)
-        trainer.fingerprint, trainer.run_config = defining, json.loads(config.to_json())  # into each checkpoint
+        trainer.fingerprint, trainer.run_config = defining, recorded(json.loads(config.to_json()))  # each checkpoint
     with timings("evaluate_before"):
         before = evaluate_stage(config, model, tokenizer, pairs, sft_data)
     with timings("train"):

@@ -23,7 +23,9 @@ from ..evaluation.dolly import evaluate_base, evaluate_loss, evaluate_model, sum
 from ..model.loading import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
 from ..settings.config import Config, build_config
 from ..settings.console import log_settings
+from ..settings.device import check_training_device, device_line
 from ..settings.memory import decide_checkpointing
+from ..settings.paths import recorded
 from ..settings.precision import compute_dtype
 from ..storage.fingerprint import apply_new_cadence, check_resume, fingerprint
 from ..storage.run_folder import (StagedCheckpoints, check_output_dir, finish_run, meet_when_saved, resume_path,
@@ -117,7 +119,7 @@ def build_trainer(config: Config, model, tokenizer, data: Data, folder: str | Pa
     trainer = Trainer(model=model, args=trainer_config(config, folder), train_dataset=data.dataset("train"),
                       eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=[NewCadence()])
     trainer.fingerprint = fingerprint(config, data.examples("train"))  # written into each checkpoint
-    trainer.run_config = json.loads(config.to_json())
+    trainer.run_config = recorded(json.loads(config.to_json()))  # paths as run_config.json records them
     return trainer
 
 
@@ -192,10 +194,12 @@ class Run:
         self.config, self.timings = config, Timings()
 
     def check(self) -> None:
-        """Before anything loads: the output folder, the settings against the model's shape; then the seed."""
+        """Before anything loads: the output folder, the settings against the model's shape, a model too big for
+        the CPU where no GPU is visible (`settings.device`); then the seed."""
         check_output_dir(self.config)
         check_local_file(self.config.dataset_name)  # a missing file is said before the model is looked for
-        check_model_shape(self.config)
+        parameters = check_model_shape(self.config)
+        check_training_device(self.config, self.config.model_name_or_path, parameters)
         set_seed(self.config.seed)
         # Where it writes: output_dir, or beside the run it replaces (untouched until this one is complete)
         self.folder = training_folder(self.config)
@@ -214,6 +218,7 @@ class Run:
     def load_model(self):
         """The base model with LoRA adapters (`setup_model`) and its trainer (`build_trainer`)."""
         with self.timings("load_model"):
+            log.info("%s", device_line(self.config))  # after the checks: bad input shows only its error
             self.model = setup_model(self.config, self.tokenizer)
             self.trainer = build_trainer(self.config, self.model, self.tokenizer, self.data, self.folder)
         return self.model
