@@ -6,9 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, on_failure
 from ..report.card import read_run, write_card
 from ..storage.files import written_folder
+from ..storage.lock import folder_lock
 from ..storage.saved_model import load_merged, run_folder_of
 
 
@@ -29,15 +30,16 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     (safetensors, tokenizer with chat template, generation config with the right EOS, the run's
     settings and model card). Written into a hidden folder and renamed: `out_dir` is whole or absent."""
     out = Path(out_dir)
-    check_export_out(adapter_dir, out)
-    merged, tokenizer = load_merged(adapter_dir)
-    run = run_folder_of(adapter_dir)  # a checkpoint's settings are its run's
-    with written_folder(out, "merging") as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if (run / "run_config.json").is_file():  # the system prompt travels with the model
-            shutil.copy(run / "run_config.json", tmp / "run_config.json")
-        write_card(tmp, *read_run(run), tokenizer, merged_to=out_dir)
+    with on_failure(out, f"{out} was not created"), folder_lock(out, "export"):
+        check_export_out(adapter_dir, out)
+        merged, tokenizer = load_merged(adapter_dir)
+        run = run_folder_of(adapter_dir)  # a checkpoint's settings are its run's
+        with written_folder(out, "export") as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if (run / "run_config.json").is_file():  # the system prompt travels with the model
+                shutil.copy(run / "run_config.json", tmp / "run_config.json")
+            write_card(tmp, *read_run(run), tokenizer, merged_to=out_dir)
     return out
 
 
