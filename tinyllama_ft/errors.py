@@ -98,7 +98,8 @@ def os_error_line(error: BaseException) -> str:
     path, intact, likely = getattr(error, _CONTEXT, None) or (None, None, None)
     code = os_error.errno or likely or 0
     where = os_error.filename or path
-    meaning = (os.strerror(code) if code and not os_error.errno else os_error.strerror or str(error)).rstrip(".")
+    meaning = os.strerror(code) if code and not os_error.errno else os_error.strerror or str(error)
+    meaning = (meaning.strip().splitlines() or [type(error).__name__])[0].rstrip(".")
     name = errno.errorcode.get(code, "")
     hint = ERRNO_HINTS.get(name, "")
     line = f"{where}: {meaning}" if where else meaning

@@ -126,9 +126,10 @@ def swap_in(new: Path, out: Path) -> None:
             move(old, out)
             raise
     except OSError as error:
+        previous = f"{out} is as it was" if out.exists() else f"the previous run is in {old}"
         raise UserError(f"could not move the finished run into {out} ({error.strerror}; another program may "
-                        f"hold a file there): it is complete in {new}, and {out} is as it was; close that program "
-                        f"and run any command on {out} (e.g. generate) to put the new run in place") from None
+                        f"hold a file there): it is complete in {new}, and {previous}; close that program and run "
+                        f"any command on {out} (e.g. generate) to put the new run in place") from None
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -96,7 +96,12 @@ def command_line(verb: str) -> str:
 def _create(path: Path, info: dict) -> bool:
     """Write `info` to `path` only if `path` does not exist, atomically (complete or absent)."""
     staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(info) + "\n", encoding="utf-8")
+    try:
+        staging.write_text(json.dumps(info) + "\n", encoding="utf-8")
+    except OSError as error:  # a read-only or full disk: name the folder, not our lock file
+        with contextlib.suppress(OSError):
+            staging.unlink(missing_ok=True)
+        raise type(error)(error.errno, error.strerror, str(path.parent)) from None
     try:
         os.link(staging, path)
         return True

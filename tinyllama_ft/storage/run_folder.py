@@ -48,8 +48,9 @@ def _drop_replacement(out: Path) -> None:
     """After a failed run that was replacing `out`: a swap it stopped in the middle is completed (or undone),
     and its unfinished new run is deleted (it is never resumed; a finished one, whose swap was refused,
     stays, for the next command to put in place)."""
-    finish_replacement(out, is_finished_run)
-    new, _ = replacement_paths(out)
+    new, old = replacement_paths(out)
+    if old.exists():
+        finish_replacement(out, is_finished_run)
     if new.is_dir() and not is_finished_run(new):
         shutil.rmtree(new, ignore_errors=True)
 
