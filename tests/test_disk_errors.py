@@ -6,7 +6,6 @@ a name longer than the file system allows (ENAMETOOLONG)."""
 
 import contextlib
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import pytest
 from conftest import ROOT
 from tinyllama_ft.errors import os_error_line
 
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the errors' causes are made the POSIX way (mount, "
+                                "ulimit -f, 255-byte names)")
 RUN = ["--preset", "smoke", "--max_steps", "2", "--num_generate", "0"]
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -24,6 +25,8 @@ ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 def cli(*args, limit_bytes=None) -> subprocess.CompletedProcess:
     """The real command line; `limit_bytes`: the file-size limit of the process (`ulimit -f`)."""
     def limit():
+        import resource
+
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
     return subprocess.run([sys.executable, "-m", "tinyllama_ft", *map(str, args)], cwd=ROOT, capture_output=True,
