@@ -1,9 +1,9 @@
-"""What `serve --continuous_batching` gains when several requests come at once: a bounded local load.
+"""What `serve`'s continuous batching (its default) gains when several requests come at once: a bounded local load.
 
     python -m benchmarks.serve_load --adapter RUN [--clients 8] [--requests 32] [--max_tokens 64] [--out F.json]
 
-Starts `python -m tinyllama_ft serve` on 127.0.0.1 twice, one request after another (the default) and with
-continuous batching, and sends each the same `--requests` greedy chat requests (real Dolly instructions) from
+Starts `python -m tinyllama_ft serve` on 127.0.0.1 twice, one request after another (`--continuous_batching
+false`) and with continuous batching (the default), and sends each the same `--requests` greedy chat requests (real Dolly instructions) from
 `--clients` concurrent clients (the OpenAI schema over plain HTTP); reports requests/s, completion tokens/s,
 p50/p95 latency, and how many answers are identical between the two servers.
 """
@@ -45,7 +45,7 @@ def _load(adapter: str, continuous: bool, prompts: list[str], clients: int, max_
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     server = subprocess.Popen([sys.executable, "-m", "tinyllama_ft", "serve", "--adapter", adapter, "--port", str(port),
-                               *(["--continuous_batching"] if continuous else [])], cwd=ROOT, env=env,
+                               "--continuous_batching", str(continuous).lower()], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
     try:

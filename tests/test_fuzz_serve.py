@@ -1,8 +1,11 @@
 """Fuzzing the server: schemathesis reads `serve`'s own OpenAPI schema from the running server (the real
 command line, on 127.0.0.1) and sends requests that fit it and requests that do not. None may get a 5xx,
 and the server must stay up: after every request `/health` answers, and at the end a good request gets
-its answer. The seed is pytest's header's (`FUZZ_SEED`), the budget `FUZZ_SERVE_EXAMPLES` per mode."""
+its answer. The request schema includes `generation_config`'s own (`api.GenerationSettings`), so requests
+carrying transformers' generation settings, valid and not, reach the model too; the run counts them. The seed
+is pytest's header's (`FUZZ_SEED`), the budget `FUZZ_SERVE_EXAMPLES` per mode and schema."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -18,6 +21,21 @@ from test_serve import free_port, wait_until_serving
 EXAMPLES = int(os.environ.get("FUZZ_SERVE_EXAMPLES", "150"))
 
 
+def settings_schema(openapi: dict):
+    """`serve`'s schema narrowed to what generation settings do: only `POST /v1/chat/completions`, its messages one
+    good conversation and its budget a few tokens, so that the requests schemathesis makes differ in their
+    `generation_config` (and OpenAI's sampling fields) and reach the model."""
+    import schemathesis
+
+    openapi["paths"] = {"/v1/chat/completions": openapi["paths"]["/v1/chat/completions"]}
+    request = openapi["components"]["schemas"]["ChatCompletionRequest"]
+    request["properties"]["messages"] = {"enum": [[{"role": "user", "content": "Hi."}]]}
+    request["properties"]["max_tokens"] = {"type": "integer", "minimum": 1, "maximum": 4}
+    request["properties"].pop("max_completion_tokens")
+    request["required"] = ["messages", "max_tokens", "generation_config"]
+    return schemathesis.openapi.from_dict(openapi)
+
+
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_the_server_stays_up(tmp_path):
     import schemathesis
@@ -31,26 +49,32 @@ def test_schemathesis_finds_no_server_error_and_the_server_stays_up(tmp_path):
                                stderr=log.open("w", encoding="utf-8"))
     try:
         wait_until_serving(process, f"{base}/v1", log)
-        schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
-        errors, sent = [], {}
+        full = schemathesis.openapi.from_url(f"{base}/openapi.json")
+        narrowed = settings_schema(httpx.get(f"{base}/openapi.json").json())
+        errors, sent, settings_sent = [], {}, {}
         client = httpx.Client(timeout=120)
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        for schema, mode in itertools.product((full, narrowed), (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)):
 
             @seed(FUZZ_SEED)
             @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
             @given(case=schema.as_strategy(generation_mode=mode))
             def send(case):
                 response = case.call(base_url=base, timeout=120)
-                key = f"{mode.value} {case.method} {case.path}"
+                key = f"{mode.value} {case.method} {case.path}{'' if schema is full else ' (settings)'}"
                 sent[key] = sent.get(key, 0) + 1
+                if isinstance(case.body, dict) and isinstance(case.body.get("generation_config"), dict):
+                    answered = f"{mode.value} {response.status_code}"
+                    settings_sent[answered] = settings_sent.get(answered, 0) + 1
                 if response.status_code >= 500:
                     errors.append(f"{key} {response.status_code}: {case.body!r:.200} -> {response.text[:200]}")
                 assert process.poll() is None, f"the server died after {case.body!r:.300}"
                 assert client.get(f"{base}/health").status_code == 200
 
             send()
-        print(f"schemathesis (seed {FUZZ_SEED}): {sum(sent.values())} requests {sent}; {len(errors)} 5xx")
+        print(f"schemathesis (seed {FUZZ_SEED}): {sum(sent.values())} requests {sent}; {len(errors)} 5xx; "
+              f"with a generation_config: {settings_sent}")
         assert not errors, "\n".join(errors[:20])
+        assert settings_sent.get("positive 200") and any(k.startswith("negative 4") for k in settings_sent), settings_sent
         good = client.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi."}],
                                                                 "max_tokens": 4})
         assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] is not None

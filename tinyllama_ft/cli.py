@@ -27,7 +27,7 @@ commands:
   chat      --adapter DIR [--max_new_tokens N] [--temperature T] [--top_p P] [--system TEXT]
                                                   talk to a run or a merged export, streamed
   serve     --adapter DIR [--host 127.0.0.1] [--port 8000] [--max_new_tokens N] [--request_timeout S]
-            [--continuous_batching]
+            [--continuous_batching true|false]
                                                   OpenAI-compatible /v1/chat/completions
   export    --adapter DIR --out DIR [--push_to_hub REPO_ID]
                                                   merge the adapter into a standalone model
@@ -215,6 +215,12 @@ def cmd_chat(args: list[str]) -> None:
     chat_main(opts.adapter, opts.max_new_tokens, opts.temperature, opts.top_p, system)
 
 
+def _on_off(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value.lower() in ("true", "1", "yes", "on")
+
+
 def cmd_serve(args: list[str]) -> None:
     parser = _parser("serve")
     parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
@@ -223,10 +229,10 @@ def cmd_serve(args: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=1024,
                         help="the most tokens an answer gets (and never more than the context leaves)")
     parser.add_argument("--request_timeout", type=float, default=300.0, help="seconds a request may generate")
-    parser.add_argument("--continuous_batching", action="store_true",
-                        help="let requests that arrive together share the model's steps (transformers' continuous "
-                        "batching: answers are greedy, a request that sets sampling settings gets HTTP 400, and "
-                        "--request_timeout does not apply); default: one request after another")
+    parser.add_argument("--continuous_batching", type=_on_off, nargs="?", const=True, default=True,
+                        metavar="true|false", help="let requests that arrive together share the model's steps "
+                        "(transformers' continuous batching; a request with its own sampling settings runs on its "
+                        "own); false: one request after another (default: true)")
     opts = _parse(parser, args)
     from .inference.serve import serve
 

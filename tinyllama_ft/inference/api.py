@@ -1,21 +1,25 @@
-"""What `serve` accepts, as a schema: the request body of `POST /v1/chat/completions` (pydantic, so FastAPI
-validates it and publishes it in `/openapi.json`), the turns a conversation may have, and OpenAI-style
-error bodies (`{"error": {"message", "type", "param", "code"}}`) for every refusal.
+"""What `serve` accepts and answers, as a schema: the request body of `POST /v1/chat/completions` with the
+generation settings a request may carry (pydantic, so FastAPI validates them and publishes them in
+`/openapi.json`), the turns a conversation may have, the answer and its streamed chunks in OpenAI's wire
+format, and OpenAI-style error bodies (`{"error": {"message", "type", "param", "code"}}`) for every refusal.
 
-A field the server cannot honour (`n`, `tools`, `logprobs`, `response_format`...) is refused with 422, not
-ignored; so are roles the training data would refuse (`tool`, `developer`, a system turn after the first)
-and turns out of order: training saw an optional system turn, then user and assistant alternating, and
-an answer is asked after a user turn."""
+A field the server cannot honour (`n` above 1, `tools`, `logprobs`, `response_format`...) is refused with
+422, not ignored; so are roles the training data would refuse (`tool`, `developer`, a system turn after the
+first) and turns out of order: training saw an optional system turn, then user and assistant alternating,
+and an answer is asked after a user turn."""
 
 from __future__ import annotations
 
 import json
-
+import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import UserError
+
+GREEDY = "0 (or below 0.001, where sampling overflows): greedy"
+ONE_CHOICE = "this server returns one choice per request: send 1 (or leave it out) and repeat the request for more"
 
 
 class TextPart(BaseModel):
@@ -43,6 +47,55 @@ class LoadModelRequest(BaseModel):
     model: str
 
 
+class GenerationSettings(BaseModel):
+    """transformers' generation settings a request may send as `generation_config` (what `transformers chat`
+    sends: `GenerationConfig.to_json_string()`), laid over the model's own. Only these; each checked here."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int | None = Field(None, ge=1, description="the answer budget (capped as max_tokens is)")
+    min_new_tokens: int | None = Field(None, ge=0, le=2**20)
+    max_length: int | None = Field(None, ge=1, description="ignored: the budget is max_new_tokens")
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description=GREEDY)
+    top_k: int | None = Field(None, ge=0, le=2**20)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    typical_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100, allow_inf_nan=False)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=2**20)
+    num_beams: int | None = Field(None, ge=1, le=16)
+    length_penalty: float | None = Field(None, ge=-100, le=100, allow_inf_nan=False)
+    num_return_sequences: int | None = Field(None, ge=1, description="1 only")
+    max_time: float | None = Field(None, gt=0, allow_inf_nan=False, description="capped by --request_timeout")
+    stop_strings: str | list[str] | None = Field(None, description="up to 4 non-empty strings")
+    use_cache: bool | None = None
+    transformers_version: str | None = Field(None, description="accepted and ignored")
+
+    @field_validator("num_return_sequences")
+    @classmethod
+    def _one(cls, value):
+        if value is not None and value > 1:
+            raise ValueError(f"num_return_sequences={value}: {ONE_CHOICE}")
+        return value
+
+    @field_validator("stop_strings")
+    @classmethod
+    def _stops(cls, stop):
+        return check_stops(stop)
+
+
+def check_stops(stop):
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and (len(stops) > 4 or not all(s for s in stops)):
+        raise ValueError("stop takes up to 4 non-empty strings")
+    return stop
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = Field(None, description="a last chunk with the usage (and no choices)")
+
+
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat completion request this server honours."""
 
@@ -51,17 +104,20 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = Field(None, description="must be the served model's id when given (GET /v1/models)")
     max_tokens: int | None = Field(None, ge=1, description="capped at what the context leaves")
     max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens")
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description=GREEDY)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(None, gt=-1, le=2, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    frequency_penalty: float | None = Field(None, ge=-0.99, le=2, allow_inf_nan=False,
+                                            description="as transformers serve: repetition_penalty = 1 + this")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seeds a sampled answer")
+    n: int | None = Field(None, ge=1, description="1 only")
     stop: str | list[str] | None = Field(None, description="up to 4 strings")
     stream: bool | None = False
-    generation_config: str | dict | None = Field(
-        None, description="transformers' own field (what `transformers chat` sends): a JSON object of generation "
-        "settings laid over the model's; its max_new_tokens is the request's budget")
+    stream_options: StreamOptions | None = None
+    generation_config: GenerationSettings | None = Field(
+        None, description="transformers' own field (what `transformers chat` sends): generation settings laid over "
+        "the model's, as a JSON object or its text; its max_new_tokens is the request's budget")
 
-    @field_validator("generation_config")
+    @field_validator("generation_config", mode="before")
     @classmethod
     def _generation_config(cls, config):
         if isinstance(config, str):
@@ -69,18 +125,95 @@ class ChatCompletionRequest(BaseModel):
                 config = json.loads(config)
             except ValueError:
                 raise ValueError("generation_config must be a JSON object") from None
-        if config is not None and not isinstance(config, dict):
+        if config is not None and not isinstance(config, (dict, GenerationSettings)):
             raise ValueError("generation_config must be a JSON object")
         return config
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, value):
+        if value is not None and value > 1:
+            raise ValueError(f"n={value}: {ONE_CHOICE}")
+        return value
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else stop
-        if stops is not None and (len(stops) > 4 or not all(s for s in stops)):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stop
+        return check_stops(stop)
 
+    def budget(self) -> int | None:
+        """The answer budget the request sets itself, in whichever field carries it."""
+        settings = self.generation_config.max_new_tokens if self.generation_config else None
+        return next((b for b in (self.max_completion_tokens, self.max_tokens, settings) if b is not None), None)
+
+
+# --- answers, in OpenAI's wire format ----------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AnswerMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AnswerMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+    def event(self) -> str:
+        """The chunk as one server-sent event."""
+        return f"data: {self.model_dump_json(exclude_none=False)}\n\n"
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "tinyllama-ft"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- the conversation's shape and the refusals ---------------------------------------------------------------------
 
 def check_turns(messages: list[dict]) -> None:
     """Refuse (UserError) a conversation training would not have formatted this way."""

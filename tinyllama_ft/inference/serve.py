@@ -1,27 +1,16 @@
-"""`python -m tinyllama_ft serve`: an OpenAI-compatible server (`POST /v1/chat/completions`,
-streaming or not, and `GET /v1/models`) for a run folder or a merged export.
+"""`python -m tinyllama_ft serve`: an OpenAI-compatible server (`POST /v1/chat/completions`, streaming or
+not, `GET /v1/models`) for a run folder or a merged export, on FastAPI and uvicorn.
 
-It is transformers' own server (`transformers serve`: FastAPI, OpenAI schemas, SSE streaming,
-usage and finish reasons), given our model, with the two things it gets wrong for this model fixed:
+Every request is checked against `api.ChatCompletionRequest` (published in `/openapi.json`) and built as
+training built its rows: the run's system prompt first unless the request brings one, then `encode_prompt`'s
+ids (one BOS, the saved chat template). Special-token text in a message (`</s>`, `<|user|>`...) and a
+conversation longer than the model's context get HTTP 400; another model's name 404. Without `max_tokens`
+an answer gets the room the context has left, at most `--max_new_tokens`, and at most `--request_timeout`
+seconds. The model is the one `load_saved` loads (the adapter as it is, no merge), so a greedy answer equals
+`generate`'s, stripped the same way, streamed or not, and stops at `</s>` (the generation config's EOS).
 
-* **No BOS.** `transformers serve` builds the prompt with `tokenizer.apply_chat_template(...,
-  tokenize=True)`, which adds no special tokens, and TinyLlama-Chat's own template does not write `<s>`
-  (measured on the smoke run: 20 prompt tokens instead of `encode_prompt`'s 21, and another answer than
-  `generate`'s). The saved template writes it (`data/chat_template.py`), and before serving we check that the
-  server's call gives exactly `encode_prompt`'s ids (`check_prompt_ids`), or refuse to start.
-* **A request's own settings.** `transformers chat` sends its flags as a `generation_config`, which
-  transformers' server takes instead of the model's (losing its EOS); here they are laid over the model's
-  and win over the default budget below. Answers are stripped as `generate` strips them.
-* **Special-token text.** A message holding `</s>`, `<|user|>`... would be read as control tokens;
-  such a request gets HTTP 400 with `encode_prompt`'s message instead. So does a conversation longer
-  than the model's context, and without `max_tokens` an answer is given the room the context has left
-  (transformers' default, 1024 new tokens, ran past TinyLlama's 2048 positions on long prompts).
-
-It also serves the adapter as it is (no merge, no temporary copy of the weights): the model that
-answers is the one `load_saved` loads, so greedy answers equal `generate`'s. Requests are
-greedy unless they set a temperature above 0 (then they sample: transformers alone would keep the
-model's `do_sample=False` and answer greedily at any temperature), and stop at `</s>` (the
-generation config's EOS).
+By default requests that arrive together share the model's steps (continuous batching, `engine.py`); a
+request with its own sampling settings runs on its own (`model.generate`) and gets exactly what it asked for.
 """
 
 import contextlib
@@ -35,33 +24,34 @@ from pathlib import Path
 from ..data.chat_template import PROBES
 from ..data.encoding import encode_prompt
 from ..errors import UserError
-from ..model.batching import CB_LOGGERS, serving_cache_config
+from ..model.batching import serving_cache_config
 from ..storage.saved_model import context_length, load_saved, saved_system_prompt
-from .api import ChatCompletionRequest, LoadModelRequest, add_error_handlers, check_turns
+from .api import (AnswerMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice,
+                  Delta, LoadModelRequest, ModelCard, ModelList, Usage, add_error_handlers, check_turns, error_body)
+from .engine import Done, Engine, Job, Stripped, request_config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 1024  # transformers serve's default answer budget
+DEFAULT_MAX_TOKENS = 1024  # the most tokens an answer gets unless --max_new_tokens says otherwise
 DEFAULT_TIMEOUT_S = 300.0  # the longest a request may generate
-
-
-SERVER_REQUIREMENT = "transformers[serving]>=5.24,<5.25"  # as pyproject.toml's serve extra
+TRANSFORMERS_RANGE = ">=5.24,<6"  # as pyproject.toml: continuous batching's public API as 5.24 and 5.25 have it
 
 
 def check_server_version() -> None:
-    """Refuse, in one line, a transformers whose server is not the one `build_app` subclasses: its handler and model
-    manager are private API, and 5.25 rewrote them (`ModelManager(device=...)`, `_build_generation_config` gone)."""
+    """Refuse, in one line, a transformers outside the range serve is tested on (`init_continuous_batching`,
+    `pause`, `register_result_handler` and `cancel_request` of its manager are 5.24's public API)."""
     import transformers
     from packaging.version import Version
 
-    if not Version("5.24") <= Version(transformers.__version__) < Version("5.25"):
-        raise UserError(f"serve needs transformers 5.24 (its server's API changed in 5.25), found "
-                        f"{transformers.__version__}: pip install {SERVER_REQUIREMENT!r}")
+    if not Version("5.24") <= Version(transformers.__version__) < Version("6"):
+        raise UserError(f"serve needs transformers{TRANSFORMERS_RANGE}, found {transformers.__version__}: "
+                        f"pip install 'transformers{TRANSFORMERS_RANGE}'")
 
 
 def check_prompt_ids(tokenizer) -> None:
-    """Raise unless `tokenizer`, called as transformers' server calls it, gives `encode_prompt`'s ids: its chat
-    template must write the BOS (the saved template does, `chat_template.add_bos_to_template`)."""
+    """Raise unless `tokenizer`'s chat template, rendered with `tokenize=True` (as `transformers serve` and other
+    servers of the saved folder call it), gives `encode_prompt`'s ids: it must write the BOS (the saved template
+    does, `chat_template.add_bos_to_template`). This server feeds `encode_prompt`'s ids itself."""
     for messages in PROBES:
         served_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                    return_dict=True, return_tensors="pt")["input_ids"][0].tolist()
@@ -71,161 +61,137 @@ def check_prompt_ids(tokenizer) -> None:
                             "serve a run of this project or its merged export")
 
 
-def requested_max_new_tokens(body: dict) -> int | None:
-    """The answer budget a request sets itself, in whichever field carries it: OpenAI's `max_completion_tokens`
-    or `max_tokens`, or the `max_new_tokens` of its transformers `generation_config` (JSON text or an object)."""
-    for key in ("max_completion_tokens", "max_tokens"):
-        if body.get(key) is not None:
-            return body[key]
-    config = body.get("generation_config")
-    if isinstance(config, str):
-        try:
-            config = json.loads(config)
-        except ValueError:
-            return None  # transformers answers the malformed JSON itself
-    return config.get("max_new_tokens") if isinstance(config, dict) else None
-
-
-PER_REQUEST = ("max_new_tokens", "eos_token_id", "max_time", "use_cache")  # what continuous batching sets per request
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # moot when greedy
-
-
-def shared_settings_asked(config, greedy) -> list[str]:
-    """The generation settings of a request's `config` (`name=value`) that differ from `greedy`, a plain request's:
-    transformers 5.24's continuous batching takes them from the first request for every request after it (its
-    `CBGenerateManager.init_cb`), so a server that batches continuously must refuse them. Sampling knobs of a
-    request that does not sample change nothing and are not listed."""
-    mine, plain = config.to_dict(), greedy.to_dict()
-    sampling = bool(mine.get("do_sample"))
-    skip = {*PER_REQUEST, "do_sample", "transformers_version", *(() if sampling else SAMPLING)}
-    asked = [f"{key}={mine[key]!r}" for key in sorted(mine) if key not in skip and mine[key] != plain.get(key)]
-    if not asked and sampling != bool(plain.get("do_sample")):  # do_sample alone (a generation_config's)
-        asked = [f"do_sample={sampling!r}"]
-    return asked
-
-
-def merged_generation_config(request_config, model_config) -> str:
-    """The request's generation settings over the model's: what the request sets wins, the rest (EOS, pad,
-    greedy decoding) stays the model's. JSON text, as transformers' server reads the field."""
-    settings = json.loads(request_config) if isinstance(request_config, str) else dict(request_config)
-    base = model_config.to_diff_dict()
-    base.pop("transformers_version", None)
-    return json.dumps({**base, **settings})
+def generation_settings(body: ChatCompletionRequest) -> dict:
+    """The request's generation settings in transformers' names: its `generation_config`, then OpenAI's fields
+    (which win), mapped as `transformers serve` maps them."""
+    settings = body.generation_config.model_dump(exclude_none=True) if body.generation_config else {}
+    if body.temperature is not None:
+        settings["temperature"] = body.temperature
+    if body.top_p is not None:
+        settings["top_p"] = body.top_p
+    if body.frequency_penalty is not None:
+        settings["repetition_penalty"] = 1.0 + body.frequency_penalty
+    if body.stop is not None:
+        settings["stop_strings"] = body.stop
+    return settings
 
 
 def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max_new_tokens: int = DEFAULT_MAX_TOKENS,
               request_timeout_s: float = DEFAULT_TIMEOUT_S, continuous_batching: bool = False):
-    """A FastAPI app serving `model` (already loaded) under the id `name` with transformers' chat handler:
-    `POST /v1/chat/completions` (its body validated against `api.ChatCompletionRequest`, published in
-    `/openapi.json`), `GET /v1/models`, `GET /health`. Requests without a system message get
-    `system_prompt` (the run's own) first, as training formatted its rows. An answer gets at most
+    """A FastAPI app serving `model` (already loaded) under the id `name`: `POST /v1/chat/completions`,
+    `GET /v1/models`, `GET /health`, and `POST /load_model` for `transformers chat`. Requests without a system
+    message get `system_prompt` (the run's own) first, as training formatted its rows. An answer gets at most
     `max_new_tokens` and what the context leaves, and generation stops after `request_timeout_s`.
-    `continuous_batching`: requests that arrive together share the model's steps (`transformers serve
-    --continuous-batching`'s machinery: a paged cache, finished answers leave at once); off, each request
-    generates on its own, one after another (benchmarks/serve_load.py measures both)."""
+    `continuous_batching` (`serve`'s default): requests that arrive together share the model's steps, started
+    and stopped with the app's lifespan; off, each request generates on its own, one after another."""
     check_server_version()
     try:
         from fastapi import FastAPI, HTTPException, Request
         from fastapi.responses import JSONResponse, StreamingResponse
-        from transformers.cli.serving.chat_completion import ChatCompletionHandler
-        from transformers.cli.serving.model_manager import ModelManager
-        from transformers.cli.serving.utils import GenerationState
-    except ImportError as error:  # no [serving] extras, or a transformers whose server is laid out otherwise
-        raise UserError(f"serve needs transformers' server ({error}): pip install {SERVER_REQUIREMENT!r}") from None
+    except ImportError as error:
+        raise UserError(f"serve needs FastAPI and uvicorn ({error}): pip install 'tinyllama-ft[serve]'") from None
 
-    check_prompt_ids(tokenizer)  # transformers' server renders the saved template itself
+    engine = Engine(model, tokenizer, continuous_batching,
+                    serving_cache_config(model) if continuous_batching else None)
 
-    class OneModel(ModelManager):
-        """The manager of `transformers serve --force-model`, handed our model instead of loading one."""
-
-        @staticmethod
-        def process_model_name(model_id: str) -> str:
-            return model_id  # answers name the model as /v1/models does, without the hub's "@main"
-
-        def _load_processor(self, model_id_and_revision, gguf_file=None):
-            return tokenizer
-
-        def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
-            return model
-
-    class ChatCompletions(ChatCompletionHandler):
-        def _build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
-            """transformers' config for the request, where the request's own `generation_config` (what
-            `transformers chat` sends) is laid over the model's (its EOS, greedy) instead of replacing it."""
-            if body.get("generation_config") is not None:
-                body = {**body, "generation_config": merged_generation_config(body["generation_config"],
-                                                                              model_generation_config)}
-            config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
-            if float(body.get("temperature") or 0) > 0:
-                config.do_sample = True  # transformers keeps the model's do_sample (False): greedy at any temperature
-            config.max_time = request_timeout_s  # a request is bounded in time, whatever it asks
-            if use_cb:
-                greedy = super()._build_generation_config({}, model_generation_config, use_cb=True)
-                asked = shared_settings_asked(config, greedy)
-                if asked:
-                    raise HTTPException(status_code=400, detail=(
-                        f"serve --continuous_batching decodes every request alike (greedy, with the model's settings) "
-                        f"and cannot honour {', '.join(asked)}: send the request without it, or serve without "
-                        "--continuous_batching"))
-            return config
-
-        def _build_completion(self, request_id, content, *args, **kwargs):
-            return super()._build_completion(request_id, content.strip(), *args, **kwargs)  # as generate's text
-
-        def _build_chunk_sse(self, request_id: str = "", content: str | None = None, *args, **kwargs):
-            """Streamed, the same text: leading whitespace dropped, trailing whitespace held back until more
-            text follows (so it never arrives after the last word), as `chat` streams."""
-            state = held.setdefault(request_id, {"started": False, "pending": ""})
-            if content is not None:
-                text = state["pending"] + content
-                text = text if state["started"] else text.lstrip()
-                content = text.rstrip()
-                state["pending"], state["started"] = text[len(content):], state["started"] or bool(content)
-            if kwargs.get("finish_reason") is not None:
-                held.pop(request_id, None)
-            return super()._build_chunk_sse(request_id, content, *args, **kwargs)
-
-    held: dict[str, dict] = {}  # per streamed request: started, whitespace held back
-
-    manager = OneModel(device=str(next(model.parameters()).device), force_model=name)
-    if continuous_batching:  # its set-up and per-batch INFO lines (its own handler): warnings and errors only
-        for logger_name in CB_LOGGERS:
-            logging.getLogger(logger_name).setLevel(logging.WARNING)
-    state = GenerationState(continuous_batching=continuous_batching,
-                            cb_config=serving_cache_config(model) if continuous_batching else None)
-    handler = ChatCompletions(manager, state)
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield
-        state.shutdown()  # the continuous-batching worker thread, which would keep the process from exiting
+        engine.start(request_timeout_s)
+        try:
+            yield
+        finally:
+            engine.stop()  # the batching worker thread, which would keep the process from exiting
 
     app = FastAPI(title="tinyllama-ft serve", version="1", lifespan=lifespan)
     add_error_handlers(app)
 
-    def refuse_other(model: str | None) -> None:
-        if model is not None and model != name:
-            raise HTTPException(status_code=404, detail=f"model {model!r} is not served here: use {name!r} "
+    def refuse_other(model_name: str | None) -> None:
+        if model_name is not None and model_name != name:
+            raise HTTPException(status_code=404, detail=f"model {model_name!r} is not served here: use {name!r} "
                                 "(GET /v1/models)")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, body: ChatCompletionRequest):
-        refuse_other(body.model)
+    def prompt_ids(body: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
         try:
             check_turns(messages)
-            prompt = encode_prompt(tokenizer, messages)
+            ids = encode_prompt(tokenizer, messages)
         except UserError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        room = context_length(model) - len(prompt)
-        if room < 1:
-            raise HTTPException(status_code=400, detail=f"the conversation is {len(prompt)} tokens, the model's "
+        if len(ids) >= context_length(model):
+            raise HTTPException(status_code=400, detail=f"the conversation is {len(ids)} tokens, the model's "
                                 f"context {context_length(model)}: drop its oldest turns")
-        fields = body.model_dump(exclude_none=True, exclude={"messages", "max_completion_tokens", "model"})
-        asked = requested_max_new_tokens(body.model_dump(exclude_none=True)) or max_new_tokens
-        fields |= {"messages": messages, "model": name, "max_tokens": min(asked, room, max_new_tokens)}
-        return await handler.handle_request(fields, request.state.request_id)
+        return ids
+
+    def job_for(body: ChatCompletionRequest) -> Job:
+        ids = prompt_ids(body)
+        budget = min(body.budget() or max_new_tokens, context_length(model) - len(ids), max_new_tokens)
+        try:
+            config = request_config(model, tokenizer, generation_settings(body), budget, request_timeout_s)
+        except ValueError as error:
+            raise HTTPException(status_code=400, detail=f"generation settings: {error}") from None
+        if body.stream and (config.num_beams or 1) > 1:
+            raise HTTPException(status_code=400, detail="num_beams > 1 cannot stream (beam search ends with the "
+                                "best beam): send the request with stream false, or num_beams 1")
+        sampling = bool(config.do_sample)
+        return Job(ids, config, body.seed if sampling else None)
+
+    def finish_reason(ids: list[int], text: str, config) -> str:
+        stops = [config.stop_strings] if isinstance(config.stop_strings, str) else config.stop_strings or []
+        ended = tokenizer.eos_token_id in ids or any(stop in text for stop in stops)
+        return "stop" if ended else "length"
+
+    def usage(job: Job, ids: list[int]) -> Usage:
+        new = answer_ids(ids)
+        return Usage(prompt_tokens=len(job.ids), completion_tokens=len(new),
+                     total_tokens=len(job.ids) + len(new))
+
+    def answer_ids(ids: list[int]) -> list[int]:  # cut after the first EOS, as `decode_answer` counts
+        eos = tokenizer.eos_token_id
+        return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+    def answer_text(ids: list[int]) -> str:
+        kept = [i for i in answer_ids(ids) if i != tokenizer.eos_token_id]
+        return tokenizer.decode(kept, skip_special_tokens=True).strip()  # as `generate`'s `decode_answer`
+
+    async def complete(job: Job, request_id: str) -> ChatCompletion:
+        try:
+            done = [item async for item in engine.run(job, False, request_id) if isinstance(item, Done)]
+        except ValueError as error:  # settings transformers refuses only once generating
+            raise HTTPException(status_code=400, detail=f"generation settings: {error}") from None
+        for item in done:
+                text = answer_text(item.ids)
+                return ChatCompletion(id=f"chatcmpl-{request_id}", model=name, usage=usage(job, item.ids), choices=[
+                    Choice(message=AnswerMessage(content=text), finish_reason=finish_reason(item.ids, text, job.config))])
+        raise RuntimeError("the answer ended without its last ids")
+
+    async def chunks(job: Job, request_id: str, include_usage: bool):
+        chunk = lambda **fields: ChatCompletionChunk(id=f"chatcmpl-{request_id}", model=name, **fields).event()  # noqa: E731
+        yield chunk(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
+        stripped = Stripped()
+        try:
+            async for item in engine.run(job, True, request_id):
+                if isinstance(item, Done):
+                    reason = finish_reason(item.ids, answer_text(item.ids), job.config)
+                    yield chunk(choices=[ChunkChoice(delta=Delta(), finish_reason=reason)])
+                    if include_usage:
+                        yield chunk(choices=[], usage=usage(job, item.ids))
+                elif text := stripped.feed(item):
+                    yield chunk(choices=[ChunkChoice(delta=Delta(content=text))])
+        except ValueError as error:  # the answer has begun (HTTP 200): the refusal is the stream's last event
+            yield f"data: {json.dumps(error_body(f'generation settings: {error}', 400))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        refuse_other(body.model)
+        job = job_for(body)
+        request_id = request.state.request_id
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(chunks(job, request_id, include_usage), media_type="text/event-stream")
+        return await complete(job, request_id)
 
     @app.post("/load_model")
     async def load_model(body: LoadModelRequest):
@@ -234,9 +200,9 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
         event = json.dumps({"status": "ready", "model": name, "cached": True})
         return StreamingResponse(iter([f"data: {event}\n\n"]), media_type="text/event-stream")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     def list_models():
-        return JSONResponse({"object": "list", "data": manager.list_models()})
+        return ModelList(data=[ModelCard(id=name)])
 
     @app.get("/health")
     def health():
@@ -244,7 +210,7 @@ def build_app(model, tokenizer, name: str, system_prompt: str | None = None, max
 
     @app.middleware("http")
     async def request_id(request: Request, call_next):
-        request.state.request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         response = await call_next(request)
         response.headers["x-request-id"] = request.state.request_id
         return response
@@ -264,8 +230,12 @@ def check_port_free(host: str, port: int) -> None:
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
         # as uvicorn binds: a port whose last server just stopped (connections in TIME_WAIT) is free to it, and a
-        # port another server listens on is still refused
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # port another server listens on is refused. On Windows SO_REUSEADDR would let the bind share a busy port,
+        # so there the test is an exclusive bind, which a stopped server's TIME_WAIT does not block.
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(address)
         except OSError as error:
@@ -277,7 +247,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def app_for(folder: str, max_new_tokens: int = DEFAULT_MAX_TOKENS, request_timeout_s: float = DEFAULT_TIMEOUT_S,
-            continuous_batching: bool = False):
+            continuous_batching: bool = True):
     """(the app, the model's name) for `folder`: anything `load_saved` loads, with the run's system prompt."""
     model, tokenizer = load_saved(folder)
     name = Path(folder).resolve().name
@@ -286,7 +256,7 @@ def app_for(folder: str, max_new_tokens: int = DEFAULT_MAX_TOKENS, request_timeo
 
 
 def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int = DEFAULT_MAX_TOKENS,
-          request_timeout_s: float = DEFAULT_TIMEOUT_S, continuous_batching: bool = False) -> None:
+          request_timeout_s: float = DEFAULT_TIMEOUT_S, continuous_batching: bool = True) -> None:
     """Load `folder` (a run, a checkpoint of one, or a merged export) and serve it until interrupted."""
     import uvicorn
 
@@ -296,6 +266,6 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8000, max_new_tokens
     check_server_version()  # these two before the model loads, which can take minutes
     check_port_free(host, port)
     app, name = app_for(folder, max_new_tokens, request_timeout_s, continuous_batching)
-    log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models)",
-             folder, name, host, port)
+    log.info("serving %s as model %r on http://%s:%d/v1 (POST /v1/chat/completions, GET /v1/models; continuous "
+             "batching %s)", folder, name, host, port, "on" if continuous_batching else "off")
     uvicorn.run(app, host=host, port=port, log_level="warning")
