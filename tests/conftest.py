@@ -1,10 +1,13 @@
 """Shared fixtures. Real assets come from `TINYLLAMA_ASSETS` (default `../shared/assets`);
 tests that need them skip with the reason when they are absent (a user's fresh clone)."""
 
+import fnmatch
 import json
 import locale
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,28 @@ FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
 
 def pytest_report_header(config):
     return f"fuzz seed: {FUZZ_SEED} (FUZZ_SEED={FUZZ_SEED} replays the hypothesis and schemathesis runs)"
+
+
+# Every process of the test session (xdist workers and the commands the tests start inherit TMPDIR) writes its
+# temporary files into one fresh folder, which must hold nothing of ours when the session ends: the controller
+# checks it after all workers are done (`pytest_sessionfinish`), then removes it.
+OWN_TEMP = "TINYLLAMA_FT_TEST_TEMP"
+NOT_OURS = ["pytest-of-*", "torchinductor_*",  # pytest's tmp_path, torch's compile cache
+            "tinyllama-ft-runs-*"]  # tests/runs.py's shared runs, removed when its worker exits
+if OWN_TEMP not in os.environ:
+    os.environ[OWN_TEMP] = os.environ["TMPDIR"] = os.environ["TEMP"] = os.environ["TMP"] = tempfile.mkdtemp(
+        prefix="tinyllama-ft-tests-")
+    os.environ[OWN_TEMP + "_OWNER"] = str(os.getpid())
+    tempfile.tempdir = None  # read TMPDIR again
+
+
+def pytest_sessionfinish(session, exitstatus):
+    temp = Path(os.environ[OWN_TEMP])
+    if os.environ.get(OWN_TEMP + "_OWNER") != str(os.getpid()) or not temp.is_dir():
+        return  # a worker, or a session started inside another one
+    left = sorted(p.name for p in temp.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in NOT_OURS))
+    shutil.rmtree(temp, ignore_errors=True)
+    if left:
+        session.config.get_terminal_writer().line(f"FAILED: the temp folder holds what the tests or the commands "
+                                                  f"they ran left: {', '.join(left)}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

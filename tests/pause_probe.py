@@ -6,7 +6,8 @@ interruption test signals a run known to be at that point (no race with a fast r
 STAGE: `step-N` (optimizer step N done, its checkpoint not yet written), `saving-checkpoint-N`
 (checkpoint N written to its staging folder, not yet renamed), `checkpoint-N` (checkpoint N
 complete), `base-evaluation`, `final-evaluation`, `final-save` (3 of the final files moved in), `swap`
-(a run replacing another: the old one moved aside, the new one not yet in its place).
+(a run replacing another: the old one moved aside, the new one not yet in its place), `gguf-written`
+(`export --format gguf`: the .gguf written in its staging folder, the Modelfile not yet).
 At that point the probe writes MARKER and sleeps until a signal ends it. Test code only: the package
 has no pause hook."""
 
@@ -97,4 +98,15 @@ def pausing_replace(source, target, *args, **kwargs):
 
 
 run_folder.os.replace = pausing_replace
+gguf_export = importlib.import_module("tinyllama_ft.export.gguf")
+write_modelfile = gguf_export.write_modelfile
+
+
+def pausing_modelfile(*args, **kwargs):
+    if stage == "gguf-written":
+        pause()
+    return write_modelfile(*args, **kwargs)
+
+
+gguf_export.write_modelfile = pausing_modelfile
 sys.exit(main(argv))

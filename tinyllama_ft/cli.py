@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import ArgParser, UserError
+from .errors import ArgParser, UserError, as_os_error, os_error_line
 from .settings.console import make_streams_safe, setup_console
 from .storage.files import check_out_file, write_text_file
 
@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a full disk, a read-only folder, ...: one line, with what is still intact
+        if debug or as_os_error(error) is None:
+            raise
+        close_progress_bars()
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:
         close_progress_bars()
         print(f"interrupted: {stop.args[0] if stop.args else 'run the same command again'}", file=sys.stderr)

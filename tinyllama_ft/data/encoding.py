@@ -177,12 +177,16 @@ def _write_encodings(path: Path, items: dict[int, dict], errors: dict[int, str])
     order = sorted(items)
     flat = {key: np.asarray([t for i in order for t in items[i][key]], dtype=np.int32)
             for key in ("input_ids", "labels")}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
-        np.savez(file, rows=np.asarray(order, dtype=np.int64),
-                 offsets=np.cumsum([0] + [len(items[i]["input_ids"]) for i in order], dtype=np.int64),
-                 errors=np.asarray(json.dumps({str(i): e for i, e in errors.items()})), **flat)
-    os.replace(temporary, path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # what a killed write leaves: see
+    try:  # storage.lock.remove_dead_temp_files
+        with open(temporary, "wb") as file:
+            np.savez(file, rows=np.asarray(order, dtype=np.int64),
+                     offsets=np.cumsum([0] + [len(items[i]["input_ids"]) for i in order], dtype=np.int64),
+                     errors=np.asarray(json.dumps({str(i): e for i, e in errors.items()})), **flat)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _read_encodings(path: Path) -> tuple[dict[int, dict], dict[int, str]]:

@@ -253,20 +253,16 @@ def compare(base: dict, tuned: dict, **settings) -> dict:
 def write_results(results: dict, out: str | Path) -> list[Path]:
     """`out` (JSON), and beside it the table (`.md`) and the bar chart (`.png`); each file written
     whole or not at all. Returns the paths."""
-    from ..storage.files import replace_json
+    from ..storage.files import replace_json, write_text_file
 
     out = Path(out)
     replace_json(out, results)
     table, chart = out.with_suffix(".md"), out.with_suffix(".png")
-    _replace_text(table, format_table(results).markdown)
+    write_text_file(table, format_table(results).markdown)
     plot_harness(results, save_to=chart)
     return [out, table, chart]
 
 
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def update_card(folder: str | Path) -> Path | None:

@@ -19,8 +19,9 @@ import torch
 
 from ..data.chat_template import prefixes_first_text_only
 from ..data.encoding import ROLE_MARKERS
-from ..errors import UserError
+from ..errors import UserError, on_failure
 from ..storage.files import written_folder
+from ..storage.lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,6 @@ OLLAMA_SPACE = '{{ " " }}'
 def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Path:
     """Merge the adapter (`load_merged`) and write `out_dir/<run>-<quantization>.gguf` and an Ollama
     `Modelfile` next to it. Written into a hidden folder and renamed, so `out_dir` is whole or absent."""
-    from .merged import check_export_out
-    from ..storage.saved_model import check_saved_folder, load_merged, saved_system_prompt
-
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -54,13 +52,21 @@ def export_gguf(adapter_dir: str, out_dir: str, quantization: str = "f16") -> Pa
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     out = Path(out_dir)
+    with on_failure(out, f"{out} was not created"), folder_lock(out, "export"):
+        return _export_gguf(adapter_dir, out, quantization)
+
+
+def _export_gguf(adapter_dir: str, out: Path, quantization: str) -> Path:
+    from .merged import check_export_out
+    from ..storage.saved_model import check_saved_folder, load_merged, saved_system_prompt
+
     check_export_out(adapter_dir, out)
     check_saved_folder(Path(adapter_dir))
     spm_dir = _tokenizer_model_of(adapter_dir)  # a missing tokenizer.model fails before the weights load
     merged, tokenizer = load_merged(adapter_dir)
     run_name = Path(adapter_dir).resolve().name
     name = f"{run_name}-{quantization}.gguf"
-    with written_folder(out, "gguf") as tmp:
+    with written_folder(out, "export") as tmp:
         write_gguf(merged, tokenizer, tmp / name, quantization, spm_dir=spm_dir, name=run_name)
         write_modelfile(tmp / "Modelfile", name, merged.config.max_position_embeddings,
                         system_prompt=saved_system_prompt(adapter_dir) or "",

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from peft import PeftConfig
 
-from ..errors import UserError
+from ..errors import UserError, on_failure
 from ..model.loading import stored_dtype
 from ..report.card import read_run, write_card
 from ..settings.paths import recorded
 from ..storage.files import write_json, written_folder
+from ..storage.lock import folder_lock
 from ..storage.saved_model import load_merged, run_folder_of
 
 log = logging.getLogger(__name__)
@@ -36,17 +37,18 @@ def export_merged(adapter_dir: str, out_dir: str) -> Path:
     ran), with the tokenizer and chat template, a generation config with the right EOS, the run's settings and
     model card. Written into a hidden folder and renamed: `out_dir` is whole or absent."""
     out = Path(out_dir)
-    check_export_out(adapter_dir, out)
-    merged, tokenizer = load_merged(adapter_dir)  # checks the folder first
-    dtype = stored_dtype(source_checkpoint(adapter_dir))
-    merged = merged.to(dtype)  # rounded once, after the merge
-    run = run_folder_of(adapter_dir)  # a checkpoint's settings are its run's
-    with written_folder(out, "merging") as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if (run / "run_config.json").is_file():  # the system prompt travels with the model; no path of this machine
-            write_json(tmp / "run_config.json", recorded(read_run(run)[0], public=True))
-        write_card(tmp, *read_run(run), tokenizer, merged_to=out_dir)
+    with on_failure(out, f"{out} was not created"), folder_lock(out, "export"):
+        check_export_out(adapter_dir, out)
+        merged, tokenizer = load_merged(adapter_dir)  # checks the folder first
+        dtype = stored_dtype(source_checkpoint(adapter_dir))
+        merged = merged.to(dtype)  # rounded once, after the merge
+        run = run_folder_of(adapter_dir)  # a checkpoint's settings are its run's
+        with written_folder(out, "export") as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if (run / "run_config.json").is_file():  # the system prompt travels with the model; no path of this machine
+                write_json(tmp / "run_config.json", recorded(read_run(run)[0], public=True))
+            write_card(tmp, *read_run(run), tokenizer, merged_to=out_dir)
     log.info("wrote %s in %s, the dtype of the base checkpoint %s", out, str(dtype).removeprefix("torch."),
              source_checkpoint(adapter_dir))
     return out

@@ -199,10 +199,10 @@ def _check_local_folder(name_or_path: str, need_weights: bool) -> None:
 # --- a tiny random Llama, built offline, for smoke runs and fast tests ---------------------------
 
 @lru_cache(maxsize=1)
-def _tiny_tokenizer_files() -> str:
-    """A byte-level BPE of 1,000 tokens trained on the bundled sample; deterministic."""
+def _tiny_tokenizer_json() -> str:
+    """A byte-level BPE of 1,000 tokens trained on the bundled sample; deterministic. Kept in memory (as
+    JSON), so no command leaves a file behind for it."""
     import json
-    import tempfile
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -216,16 +216,15 @@ def _tiny_tokenizer_files() -> str:
     trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts + ["<|user|>\n<|assistant|>\n<|system|>\nContext:\n"], trainer)
-    folder = tempfile.mkdtemp(prefix="tiny-random-llama-")
-    tokenizer.save(f"{folder}/tokenizer.json")
-    return folder
+    return tokenizer.to_str()
 
 
 def build_tiny_tokenizer():
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=f"{_tiny_tokenizer_files()}/tokenizer.json", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()), bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", pad_token="</s>", chat_template=CHAT_TEMPLATE)
     tokenizer.name_or_path = TINY_RANDOM_LLAMA
     add_bos_to_template(tokenizer)

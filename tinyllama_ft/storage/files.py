@@ -1,6 +1,7 @@
 """Writing files so that a reader never sees half of one: a folder or a JSON file is written under a
 temporary name beside its target and renamed into place (one `os.replace`, atomic on one file
-system), readable by others (safetensors and `mkdtemp` create private files)."""
+system, retried for a moment where Windows refuses it: `move`), readable by others (safetensors
+creates private files)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,28 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
+import time
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, on_failure
+from .lock import folder_lock, holder, remove_abandoned, staging_path
+
+
+MOVE_TRIES = 6  # about 1.5 s in all: an antivirus scan or Explorer's thumbnailer lets go of a file by then
+
+
+def move(source: Path, target: Path) -> None:
+    """`os.replace(source, target)`, tried again a few times with a growing pause when it raises
+    PermissionError: on Windows a file that another program holds open for a moment (an antivirus, Explorer,
+    a search indexer) cannot be renamed. The last PermissionError is raised."""
+    for attempt in range(MOVE_TRIES):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if attempt == MOVE_TRIES - 1:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
 
 
 def write_json(path: Path, data) -> None:
@@ -21,10 +40,14 @@ def write_json(path: Path, data) -> None:
 
 def replace_json(path: Path, data) -> None:
     """Replace `path` with `data` as JSON atomically: readers see the old file or the new one, never half."""
-    staging = path.with_name(f".{path.name}.tmp")
-    write_json(staging, data)
-    os.chmod(staging, 0o644)
-    os.replace(staging, path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write_json(staging, data)
+        os.chmod(staging, 0o644)
+        move(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
 
 
 def check_out_file(path: Path) -> None:
@@ -39,11 +62,11 @@ def check_out_file(path: Path) -> None:
 def write_text_file(path: Path, text: str) -> None:
     """`text` into `path` atomically (a temporary file beside it, renamed), parents created, mode 0644."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         staging.write_text(text, encoding="utf-8")
         os.chmod(staging, 0o644)
-        os.replace(staging, path)
+        move(staging, path)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
@@ -57,20 +80,26 @@ def make_readable(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def written_folder(out: Path, prefix: str):
-    """Yield a new, empty temporary folder beside `out` to write into; when the block ends it becomes
-    `out` (readable by others); when it fails, it is removed. So `out` is whole or absent, and nothing
-    is left behind (in the system temp folder either)."""
+def written_folder(out: Path, command: str):
+    """Yield a new, empty folder beside `out` (`.<name>.writing`) to write into; when the block ends it
+    becomes `out` (readable by others); when it fails (an error, Ctrl-C, SIGTERM), it is removed. `out`'s
+    lock (`command` holds it) is held throughout, and what a killed command left beside it is removed first.
+    So `out` is whole or absent, and nothing is left behind."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{prefix}-"))  # same file system: the rename is atomic
-    try:
-        yield tmp
-        make_readable(tmp)
-        os.replace(tmp, out)
-    except BaseException:
+    with folder_lock(out, command):
+        remove_abandoned(out.parent)
+        tmp = staging_path(out)  # same file system: the rename is atomic
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()
+        try:
+            with on_failure(out):  # read the disk before the cleanup below frees it
+                yield tmp
+                make_readable(tmp)
+                move(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 # --- replacing a finished folder by a new one, crash-safely --------------------------------------
@@ -84,26 +113,47 @@ def replacement_paths(out: Path) -> tuple[Path, Path]:
 
 def swap_in(new: Path, out: Path) -> None:
     """Make the complete folder `new` be `out`: `out` moves aside, `new` takes its name, the old one
-    is deleted. A crash between the two renames leaves both, which `finish_replacement` completes."""
+    is deleted. A crash between the two renames leaves both, which `finish_replacement` completes. When a
+    rename is refused even after `move`'s tries, the old run is put back and the new one stays complete
+    where it is, which the next command on `out` puts in place (`finish_replacement`)."""
     _, old = replacement_paths(out)
     make_readable(new)
-    os.replace(out, old)
-    os.replace(new, out)
+    try:
+        move(out, old)
+        try:
+            move(new, out)
+        except OSError:
+            move(old, out)
+            raise
+    except OSError as error:
+        previous = f"{out} is as it was" if out.exists() else f"the previous run is in {old}"
+        raise UserError(f"could not move the finished run into {out} ({error.strerror}; another program may "
+                        f"hold a file there): it is complete in {new}, and {previous}; close that program and run "
+                        f"any command on {out} (e.g. generate) to put the new run in place") from None
     shutil.rmtree(old, ignore_errors=True)
 
 
 def finish_replacement(out: Path, complete=None) -> None:
     """After a stop in `swap_in`: put whichever folder is whole at `out` (the new one when
-    `complete(new)`, else the old one) and delete the rest. A no-op when nothing was interrupted."""
+    `complete(new)`, else the old one) and delete the rest; a complete new run whose swap never began
+    (refused) is put in place too. A no-op when nothing was interrupted, and while another process
+    holds `out`'s lock (it may be swapping them now)."""
     out = Path(out)
     new, old = replacement_paths(out)
-    if not old.exists():
+    if not (old.exists() or new.exists()):
+        return
+    info = holder(out)
+    if info is not None and info.get("pid") != os.getpid():
         return
     complete = complete or (lambda folder: (folder / "metrics.json").is_file())
+    if not old.exists():
+        if out.is_dir() and new.is_dir() and complete(new):  # finished, but its swap was refused
+            swap_in(new, out)
+        return
     if out.exists():  # the swap finished; only the deletion of the old folder did not
         shutil.rmtree(old, ignore_errors=True)
     elif new.exists() and complete(new):
-        os.replace(new, out)
+        move(new, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(old, out)
+        move(old, out)

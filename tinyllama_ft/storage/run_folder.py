@@ -4,6 +4,7 @@ after a stop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,15 +13,47 @@ from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..errors import UserError
+from ..errors import UserError, on_failure
 from ..model.loading import is_model_folder
 from ..report.card import write_card
 from ..settings.config import RESUME_NEWEST, wants_resume
 from ..settings.paths import recorded
-from .files import finish_replacement, replacement_paths, swap_in, write_json
+from .files import finish_replacement, move, replacement_paths, swap_in, write_json
+from .lock import folder_lock, remove_abandoned
 from .fingerprint import FILE as FINGERPRINT_FILE
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def output_dir_held(config, command: str):
+    """While a run (`command`: train, dpo) writes `config.output_dir`: its lock is held (a second command
+    into it is refused in one line), and a file-system error escaping says, when true, that the run it
+    replaces is unchanged."""
+    out = Path(config.output_dir)
+    replacing = replaces_a_run(config)
+    intact = f"{out} still holds the previous run, unchanged" if replacing else None
+    with on_failure(out, intact), folder_lock(out, command):
+        try:
+            with on_failure(out, intact):  # read the disk before the cleanup below frees it
+                yield
+        except BaseException:  # an error, Ctrl-C, SIGTERM: staging goes; checkpoints stay, to resume from
+            if _main_process():
+                remove_staging(out)
+                if replacing:
+                    _drop_replacement(out)
+            raise
+
+
+def _drop_replacement(out: Path) -> None:
+    """After a failed run that was replacing `out`: a swap it stopped in the middle is completed (or undone),
+    and its unfinished new run is deleted (it is never resumed; a finished one, whose swap was refused,
+    stays, for the next command to put in place)."""
+    new, old = replacement_paths(out)
+    if old.exists():
+        finish_replacement(out, is_finished_run)
+    if new.is_dir() and not is_finished_run(new):
+        shutil.rmtree(new, ignore_errors=True)
 
 
 def check_output_dir(config) -> None:
@@ -38,7 +71,8 @@ def check_output_dir(config) -> None:
     point leaves the old run as it was."""
     path = Path(config.output_dir)
     if _main_process():
-        finish_replacement(path, is_finished_run)  # a swap stopped between its two renames
+        finish_replacement(path, is_finished_run)  # a swap stopped between its two renames, or refused
+        remove_abandoned(path.parent)  # what killed commands left beside it
     if path.exists() and not path.is_dir():
         raise UserError(f"--output_dir {path} is a file, not a folder: pass a folder path (it is created)")
     resume = resume_path(config)  # an explicit checkpoint that is not one fails now, not after the model loads
@@ -216,7 +250,7 @@ def save_run(config, model, tokenizer, metrics: dict, split: dict, log_history: 
             os.chmod(staging / name, 0o644)  # safetensors writes 0600; the folder is meant to be shared
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-        os.replace(staging / name, out / name)
+        move(staging / name, out / name)
     staging.rmdir()
     return out
 
@@ -246,7 +280,7 @@ class StagedCheckpoints:
                 if data is not None:
                     write_json(Path(staging) / name / file, data)
             (Path(staging) / name / "training_args.bin").unlink(missing_ok=True)  # a pickle of the paths as given
-            os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
+            move(os.path.join(staging, name), os.path.join(run_dir, name))
             shutil.rmtree(staging)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)

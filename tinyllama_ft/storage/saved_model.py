@@ -17,6 +17,7 @@ from peft import PeftConfig, PeftModel
 from ..errors import UserError
 from ..model.loading import is_model_folder, load_model, load_tokenizer
 from .files import finish_replacement
+from .lock import check_not_in_use, remove_abandoned
 
 
 def load_saved(folder: str, device: str | None = None, dtype: torch.dtype | None = None):
@@ -53,6 +54,8 @@ def load_merged(folder: str):
 
 def check_saved_folder(path: Path) -> None:
     """A run folder (or one of its checkpoints) or a merged export: fail in one line for anything else."""
+    check_not_in_use(path, "--adapter")  # being written or replaced by another command
+    remove_abandoned(path.parent)  # the lock and staging folders a killed command left beside it
     finish_replacement(path)  # a run that replaced another, stopped between its two renames
     if path.is_file():
         raise UserError(f"--adapter {path} is a file: pass the run folder that holds it")

@@ -308,7 +308,14 @@ def build_dpo_trainer(config: DpoConfig, model, tokenizer, pairs, folder=None) -
 
 
 def train_dpo(config: DpoConfig) -> dict:
-    """The whole DPO stage; writes `config.output_dir` and returns its metrics."""
+    """The whole DPO stage; writes `config.output_dir` (holding its lock) and returns its metrics."""
+    from ..storage.run_folder import output_dir_held
+
+    with output_dir_held(config, "dpo"):  # one command at a time in output_dir
+        return _train_dpo(config)
+
+
+def _train_dpo(config: DpoConfig) -> dict:
     from ..storage.fingerprint import DPO_DEFINING, PAIR_KEYS, check_resume, file_hash, fingerprint
     from ..storage.run_folder import (check_output_dir, finish_run, meet_when_saved, resume_path, save_run,
                                       training_folder)

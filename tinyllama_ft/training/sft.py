@@ -18,7 +18,7 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTTrainer
 
 from ..data.formats import check_local_file
-from ..data.prepare import Data, prepare_data
+from ..data.prepare import Data, prepare_data, tokenization_cache_dir
 from ..evaluation.dolly import evaluate_base, evaluate_loss, evaluate_model, summarize
 from ..model.loading import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
 from ..settings.config import Config, build_config
@@ -28,8 +28,9 @@ from ..settings.memory import decide_checkpointing
 from ..settings.paths import recorded
 from ..settings.precision import compute_dtype
 from ..storage.fingerprint import apply_new_cadence, check_resume, fingerprint
-from ..storage.run_folder import (StagedCheckpoints, check_output_dir, finish_run, meet_when_saved, resume_path,
-                                  save_run, training_folder)
+from ..storage.run_folder import (StagedCheckpoints, check_output_dir, finish_run, meet_when_saved, output_dir_held,
+                                  resume_path, save_run, training_folder)
+from ..storage.lock import remove_dead_temp_files
 from ..storage.timings import Timings, write_timings
 from .lm_head import has_switches, lm_head_scoring
 
@@ -208,6 +209,7 @@ class Run:
         """The tokenizer, and the rows validated, encoded, filtered and split (`data.prepare_data`)."""
         with self.timings("prepare_data"):
             self.tokenizer = load_tokenizer(self.config.model_name_or_path, self.config.trust_remote_code)
+            remove_dead_temp_files(tokenization_cache_dir())  # what a killed tokenization left
             self.data = prepare_data(self.config, self.tokenizer)
             if resume_path(self.config):  # before the model loads: the checkpoint must continue this very run
                 check_resume(resume_path(self.config), fingerprint(self.config, self.data.examples("train")))
@@ -263,6 +265,7 @@ def train(config: Config) -> dict:
     """The whole run, every stage of `STAGES`; writes `config.output_dir` and returns its metrics (with
     `timings`: seconds per stage)."""
     run = Run(config)
-    for stage in STAGES:
-        getattr(run, stage)()
+    with output_dir_held(config, "train"):  # one command at a time in output_dir
+        for stage in STAGES:
+            getattr(run, stage)()
     return run.metrics
