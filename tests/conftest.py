@@ -54,8 +54,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 FIRST = ["test_gpu_check.py", "test_dpo.py", "test_reliability.py", "test_harness.py"]
 
 
+# The files CI also runs on the lowest versions pyproject.toml allows (`pytest -m lowest` in .ci/run's second
+# environment): the data and labels, a training smoke run, save and reload, the assumptions on other packages.
+LOWEST = ["test_data.py", "test_tokenization.py", "test_eos.py", "test_formats.py", "test_model.py", "test_training.py",
+          "test_saved_model.py", "test_assumptions.py", "test_lora_variants.py"]
+
+
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
+    for item in items:
+        if item.path.name in LOWEST:
+            item.add_marker("lowest")
 
 
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
