@@ -55,9 +55,10 @@ FIRST = ["test_gpu_check.py", "test_dpo.py", "test_reliability.py", "test_harnes
 
 
 # The files CI also runs on the lowest versions pyproject.toml allows (`pytest -m lowest` in .ci/run's second
-# environment): the data and labels, a training smoke run, save and reload, the assumptions on other packages.
+# environment): the data and labels, a training smoke run, evaluation and generation, save and reload, the
+# assumptions on other packages. Add a file here to run it there too.
 LOWEST = ["test_data.py", "test_tokenization.py", "test_eos.py", "test_formats.py", "test_model.py", "test_training.py",
-          "test_saved_model.py", "test_assumptions.py", "test_lora_variants.py"]
+          "test_evaluate.py", "test_saved_model.py", "test_assumptions.py", "test_lora_variants.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):

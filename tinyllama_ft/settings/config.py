@@ -24,6 +24,7 @@ from .columns import parse_columns
 from .memory import checkpointing_value
 from .precision import require_cuda_and, set_precision
 from .sources import close_match, config_path, parse_flags, read_yaml, where_unknown
+from .tracking import check_trackers
 from .validation import refuse, sources, validate
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
@@ -281,6 +282,7 @@ class Config(SFTConfig):
         self.dataset_split = self.dataset_split or "train"
         if self.max_length is None:
             raise refuse("max_length", None, "max_length must be an integer >= 16", 1024)
+        check_trackers(self.report_to)
         if self.load_in_4bit:
             require_cuda_and("load_in_4bit", "bitsandbytes", "bitsandbytes")
         if self.use_liger_kernel:  # Triton kernels for RMSNorm, RoPE, SwiGLU (TRL keeps its own fused LM head)
