@@ -94,18 +94,11 @@ class Config(SFTConfig):
         metadata={"help": "Module names that get LoRA adapters (Linear layers: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
                   "down_proj), or all-linear for every Linear layer but the LM head.", "check": "nonempty"},
     )
-    use_dora: bool = field(
-        default=False,
-        metadata={"help": "DoRA (PEFT's use_dora): each adapted weight learns its magnitude apart from its direction, "
-                  "often closer to full fine-tuning at a low lora_r; steps are slower. The adapter loads, merges and "
-                  "exports like a LoRA one."},
-    )
-    use_rslora: bool = field(
-        default=False,
-        metadata={"help": "rsLoRA (PEFT's use_rslora): scale the update by lora_alpha / sqrt(lora_r) instead of "
-                  "lora_alpha / lora_r, so that high ranks keep learning; recorded in adapter_config.json, which "
-                  "every loader (PEFT, vLLM) reads."},
-    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (PEFT's use_dora): each adapted weight learns its "
+                           "magnitude apart from its direction; slower steps. It merges and exports like LoRA; vLLM "
+                           "and llama.cpp's LoRA refuse it (use the merged export)."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA (PEFT's use_rslora): scale the update by "
+                             "lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r, so high ranks keep learning."})
     # --- data ---
     dataset_name: str = field(
         default="databricks/databricks-dolly-15k",
