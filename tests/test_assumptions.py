@@ -136,6 +136,14 @@ def test_transformers_resume_warning_has_the_text_we_filter():
           "it because the new cadence applies", "storage/fingerprint.py")
 
 
+def test_transformers_names_its_trackers_in_integration_to_callback():
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    holds({"tensorboard", "trackio", "wandb", "mlflow", "comet_ml"} <= set(INTEGRATION_TO_CALLBACK),
+          "transformers.integrations.INTEGRATION_TO_CALLBACK maps every --report_to name to its callback",
+          "settings/tracking.py")
+
+
 def test_transformers_models_keep_attn_implementation_and_can_set_it():
     from tinyllama_ft.model.loading import build_tiny_model
 

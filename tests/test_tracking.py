@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from tinyllama_ft import parse_config
+from tinyllama_ft import parse_config, parse_dpo_config
 from tinyllama_ft.cli import main as cli_main
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.storage.run_folder import foreign_files
@@ -43,6 +43,8 @@ def test_an_unknown_tracker_is_refused_before_anything_loads():
                                         "trackio, none or one of .*wandb"):
         parse_config(preset="smoke", report_to="tensorbored")
     assert parse_config(preset="smoke", report_to="none").report_to == []
+    with pytest.raises(UserError, match="--report_to tensorbored: not a tracker transformers knows"):
+        parse_dpo_config(["--adapter", "runs/smoke", "--report_to", "tensorbored"])  # DPO's settings too
 
 
 @pytest.mark.slow
