@@ -27,6 +27,7 @@ from trl import DPOConfig, DPOTrainer, TrlParser
 
 from ..data.pairs import parse_pair_columns
 from ..errors import UserError
+from ..settings.console import log_settings
 from ..settings.precision import set_precision
 from ..settings.sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
 from ..settings.tracking import check_trackers
@@ -193,7 +194,7 @@ def parse_dpo_config(args: list[str] | None = None, **overrides) -> DpoConfig:
     flags = args + [item for key, value in overrides.items() for item in _as_flag(key, value)]
     try:
         (config,) = parser.parse_args_and_config(flags)
-    except UserError:
+    except (UserError, UnicodeError):  # a UnicodeEncodeError is a ValueError, but no configuration's fault
         raise
     except yaml.YAMLError as error:
         raise UserError(f"--config {_config_path(args)} is not valid YAML ({_yaml_problem(error)}): fix the file") from None
@@ -330,7 +331,7 @@ def train_dpo(config: DpoConfig) -> dict:
         if resume_path(config):  # before the model loads: the checkpoint must continue this very run
             check_resume(resume_path(config), defining)
         sft_data = load_sft_validation(config, sft_run_config, tokenizer) if config.alignment_eval else None
-        log.info("configuration:\n%s", config.to_json())
+        log_settings(log, config, parse_dpo_config(["--adapter", config.adapter]), skip=("sft_run_config",))
         log.info("pairs: %s", pairs.stats())
     with timings("load_model"):
         model = load_policy(config)
@@ -352,4 +353,5 @@ def train_dpo(config: DpoConfig) -> dict:
         finish_run(config, folder)
     meet_when_saved(trainer)
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+    log.info("the run is in %s (its model card: README.md there)", config.output_dir)
     return metrics
