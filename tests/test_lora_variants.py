@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import as_printed
 from tinyllama_ft import generate, load_saved, parse_config
 from tinyllama_ft.cli import main as cli_main
 from tinyllama_ft.errors import UserError
@@ -92,7 +93,7 @@ def test_a_dora_adapter_merges_into_the_logits_it_has_and_generates_alike(dora_r
     capsys.readouterr()
     assert cli_main(["generate", "--adapter", str(dora_run), "--instruction", INSTRUCTION, "--max_new_tokens", "12"]) == 0
     answer = generate(merged, tokenizer, INSTRUCTION, max_new_tokens=12, progress=False)
-    assert capsys.readouterr().out.strip() == answer["text"] and answer["tokens"] > 0
+    assert capsys.readouterr().out.strip() == as_printed(answer["text"]) and answer["tokens"] > 0
 
     plain = tmp_path / "as-plain-lora"
     plain.mkdir()
