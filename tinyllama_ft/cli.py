@@ -254,18 +254,23 @@ def cmd_export(args: list[str]) -> None:
     parser.add_argument("--adapter", required=True, help="output folder of a finished run")
     parser.add_argument("--out", required=True, help="new folder for the merged model")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload it to this (private) hub repo")
-    parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
-                        help="safetensors: a transformers folder; gguf: one .gguf and an Ollama Modelfile")
+    parser.add_argument("--format", choices=("safetensors", "gguf", "gguf-adapter"), default="safetensors",
+                        help="safetensors: a transformers folder; gguf: one .gguf and an Ollama Modelfile; "
+                        "gguf-adapter: the base model's .gguf and the LoRA adapter's (llama.cpp --lora)")
     parser.add_argument("--quantization", choices=("f16", "q8_0", "f32"), help="GGUF weights (default f16; f32: exact)")
     opts = _parse(parser, args)
     from .export.merged import export_merged, push_to_hub
 
-    if opts.quantization and opts.format != "gguf":
+    if opts.quantization and not opts.format.startswith("gguf"):
         raise UserError("--quantization applies to GGUF files: add --format gguf")
     if opts.format == "gguf":
         from .export.gguf import export_gguf
 
         print(export_gguf(opts.adapter, opts.out, opts.quantization or "f16"))
+    elif opts.format == "gguf-adapter":
+        from .export.gguf_adapter import export_gguf_adapter
+
+        print(export_gguf_adapter(opts.adapter, opts.out, opts.quantization or "f16"))
     else:
         print(export_merged(opts.adapter, opts.out))
     if opts.push_to_hub:

@@ -285,12 +285,13 @@ def _checked(folder: str, tokenizer) -> str:
 
 # --- Ollama ---------------------------------------------------------------------------------------------
 
-def modelfile_text(gguf_name: str, context_length: int, system_prompt: str = "", leading_space: bool = True) -> str:
-    """An Ollama Modelfile: the GGUF, TinyLlama-Chat's template, stops at `</s>` and the role markers.
-    Greedy (temperature 0, no repeat penalty: Ollama's default 1.1 would change the answer), so `ollama run`
-    answers as `python -m tinyllama_ft generate` does; `/set parameter temperature 0.7` to sample."""
+def modelfile_text(gguf_name: str, context_length: int, system_prompt: str = "", leading_space: bool = True,
+                   adapter: str | None = None) -> str:
+    """An Ollama Modelfile: the GGUF (and a LoRA `adapter` GGUF on it), TinyLlama-Chat's template, stops at `</s>`
+    and the role markers. Greedy (temperature 0, no repeat penalty: Ollama's default 1.1 would change the answer), so
+    `ollama run` answers as `python -m tinyllama_ft generate` does; `/set parameter temperature 0.7` to sample."""
     template = (OLLAMA_SPACE if leading_space else "") + OLLAMA_TEMPLATE
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines = [f"FROM ./{gguf_name}", *([f"ADAPTER ./{adapter}"] if adapter else []), f'TEMPLATE """{template}"""']
     if system_prompt:
         if '"""' in system_prompt:
             raise UserError('the system prompt contains """, which a Modelfile cannot quote: remove it')
@@ -301,6 +302,7 @@ def modelfile_text(gguf_name: str, context_length: int, system_prompt: str = "",
 
 
 def write_modelfile(path: Path, gguf_name: str, context_length: int, system_prompt: str = "",
-                    leading_space: bool = True) -> Path:
-    path.write_text(modelfile_text(gguf_name, context_length, system_prompt, leading_space), encoding="utf-8")
+                    leading_space: bool = True, adapter: str | None = None) -> Path:
+    path.write_text(modelfile_text(gguf_name, context_length, system_prompt, leading_space, adapter),
+                    encoding="utf-8")
     return path

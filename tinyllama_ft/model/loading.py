@@ -139,12 +139,14 @@ def default_attention() -> str:
 
 
 def wrap_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-              target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> PeftModel:
-    """Freeze the base and add LoRA adapters (kept in fp32) to `target_modules`."""
+              target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), use_dora: bool = False,
+              use_rslora: bool = False) -> PeftModel:
+    """Freeze the base and add LoRA adapters (kept in fp32) to `target_modules`; DoRA (`use_dora`) and rsLoRA's
+    alpha / sqrt(r) scale (`use_rslora`) are PEFT's own."""
     _check_targets(model, target_modules)
     targets = ALL_LINEAR if list(target_modules) == [ALL_LINEAR] else list(target_modules)  # PEFT's own shorthand
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_dora=use_dora,
+                        use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 

@@ -164,6 +164,7 @@ def training_section(run_config: dict, metrics: dict) -> str:
               "gradient_accumulation_steps", "max_length", "precision", "load_in_4bit", "padding_free", "seed",
               "system_prompt"]
     rows = [(f, run_config[f]) for f in fields if f in run_config and run_config[f] not in (None, "")]
+    rows[2:2] = [(f, True) for f in ("use_dora", "use_rslora") if run_config.get(f)]  # after the rank, when on
     facts = [("effective batch size", metrics.get("effective_batch_size")), ("processes", metrics.get("world_size")),
              ("optimizer steps", metrics.get("train_steps")), ("rows", metrics.get("rows")),
              ("trainable parameters", _count(metrics, "trainable_parameters", "total_parameters")),

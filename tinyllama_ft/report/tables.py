@@ -91,7 +91,8 @@ def describe_run(config) -> Rendered:
         ("rows train / validation / test", f"{config.train_size} / {config.eval_size} / {config.test_size}"),
         ("generated test rows, new tokens", f"{config.num_generate}, {config.max_new_tokens}"),
         ("max_length (longer rows dropped)", str(config.max_length)),
-        ("LoRA r / alpha / dropout", f"{config.lora_r} / {config.lora_alpha} / {config.lora_dropout}"),
+        ("LoRA r / alpha / dropout", f"{config.lora_r} / {config.lora_alpha} / {config.lora_dropout}"
+         + "".join(f", {name}" for name, on in (("DoRA", config.use_dora), ("rsLoRA", config.use_rslora)) if on)),
         ("LoRA target modules", ", ".join(config.lora_target_modules)),
         ("batch per device x accumulation", f"{config.per_device_train_batch_size} x "
          f"{config.gradient_accumulation_steps} = {per_step} rows per optimizer step and device"),

@@ -25,6 +25,7 @@ from .device import remember_cpu_request
 from .memory import checkpointing_value
 from .precision import require_cuda_and, set_precision
 from .sources import close_match, config_path, parse_flags, read_yaml, where_unknown
+from .tracking import check_trackers
 from .validation import refuse, sources, validate
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
@@ -94,6 +95,11 @@ class Config(SFTConfig):
         metadata={"help": "Module names that get LoRA adapters (Linear layers: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
                   "down_proj), or all-linear for every Linear layer but the LM head.", "check": "nonempty"},
     )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (PEFT's use_dora): each adapted weight learns its "
+                           "magnitude apart from its direction; slower steps. It merges and exports like LoRA; vLLM "
+                           "and llama.cpp's LoRA refuse it (use the merged export)."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA (PEFT's use_rslora): scale the update by "
+                             "lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r, so high ranks keep learning."})
     # --- data ---
     dataset_name: str = field(
         default="databricks/databricks-dolly-15k",
@@ -271,6 +277,7 @@ class Config(SFTConfig):
         self.dataset_split = self.dataset_split or "train"
         if self.max_length is None:
             raise refuse("max_length", None, "max_length must be an integer >= 16", 1024)
+        check_trackers(self.report_to)
         if self.load_in_4bit:
             require_cuda_and("load_in_4bit", "bitsandbytes", "bitsandbytes")
         if self.use_liger_kernel:  # Triton kernels for RMSNorm, RoPE, SwiGLU (TRL keeps its own fused LM head)

@@ -3,9 +3,9 @@ resumes: a resumed run continues the same run, or is refused in one line naming 
 
 Defining (a change is refused): the model; the data (its content hash where it is local, whatever the path's
 spelling; a hash of the training rows' token ids and labels, in order; and the settings that choose and format
-them); the LoRA shape and targets; the optimizer and schedule; the batch (per device, accumulation, processes);
-the precision; the seed. A DPO stage's list is `DPO_DEFINING`, with a hash of its SFT adapter's weights and of
-its pairs.
+them); the LoRA shape, targets and kind (DoRA, rsLoRA); the optimizer and schedule; the batch (per device,
+accumulation, processes); the precision; the seed. A DPO stage's list is `DPO_DEFINING`, with a hash of its SFT
+adapter's weights and of its pairs.
 
 Free to change (they cannot alter what is learned; the new values apply from the resumed step on and are
 what `run_config.json` records): logging_steps, eval_steps, eval_strategy, save_steps, save_total_limit,
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 FILE = "run_fingerprint.json"
 DEFINING = ("model_name_or_path", "dataset_name", "dataset_config", "dataset_split", "dataset_format", "columns",
             "system_prompt", "train_size", "eval_size", "test_size", "max_length", "seed", "data_seed",
-            "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "precision",
-            "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "num_train_epochs",
+            "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_dora", "use_rslora", "load_in_4bit",
+            "precision", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "num_train_epochs",
             "max_steps", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
             "max_grad_norm", "label_smoothing_factor", "neftune_noise_alpha", "per_device_train_batch_size",
             "gradient_accumulation_steps", "padding_free", "packing")
@@ -46,6 +46,8 @@ DPO_DEFINING = ("model_name_or_path", "dataset_name", "dataset_config", "dataset
                 "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps")
 ROW_KEYS = ("input_ids", "labels")  # an SFT row as the model sees it; a DPO pair: PAIR_KEYS
 PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# A checkpoint that does not record these was trained with their value here (the plain LoRA).
+UNRECORDED = {"use_dora": False, "use_rslora": False}
 CADENCE = ("logging_steps", "eval_steps", "save_steps")  # transformers keeps the checkpoint's; we apply the new
 
 
@@ -100,8 +102,8 @@ def check_resume(checkpoint: str, now: dict) -> None:
     (`now`: this command's `fingerprint`)."""
     saved = read_fingerprint(checkpoint)
     changed = [("the SFT adapter (its weights changed)" if name == "sft_adapter" else
-                f"{name} {_show(saved.get(name))} -> {_show(now[name])}")
-               for name in now if name != "training_rows" and saved.get(name) != now[name]]
+                f"{name} {_show(saved.get(name, UNRECORDED.get(name)))} -> {_show(now[name])}")
+               for name in now if name != "training_rows" and saved.get(name, UNRECORDED.get(name)) != now[name]]
     if saved.get("training_rows") != now["training_rows"] and not changed:
         changed.append("the training rows (the dataset file changed)")
     elif saved.get("training_rows") != now["training_rows"]:

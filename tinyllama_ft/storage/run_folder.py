@@ -104,18 +104,19 @@ RUN_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", "r
              "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "added_tokens.json",
              "categories.png", "lengths.png", "loss_mask.png", "loss_mask_conversation.png", "loss_curves.png",
              "comparison.png", "timings.png"}
+RUN_DIRS = {"runs"}  # TensorBoard's event files (`--report_to tensorboard`: transformers' output_dir/runs/DATE_HOST)
 
 
 CARDS = ("tinyllama_ft", "It has been trained using [TRL]")  # our card; the one TRL writes at each checkpoint
 
 
 def foreign_files(path: Path) -> list[str]:
-    """Names in `path` this project does not write: neither a run's files, its `checkpoint-N` folders
-    nor staging leftovers; a README.md counts as ours only when it is a card of this project."""
+    """Names in `path` this project does not write: neither a run's files, its `checkpoint-N` folders, TensorBoard's
+    `runs/` nor staging leftovers; a README.md counts as ours only when it is a card of this project."""
     foreign = []
     for entry in sorted(path.iterdir()):
         name = entry.name
-        if name.startswith(".tmp-") or (name.startswith("checkpoint-") and entry.is_dir()):
+        if name.startswith(".tmp-") or (entry.is_dir() and (name.startswith("checkpoint-") or name in RUN_DIRS)):
             continue
         if name == "README.md" and any(mark in entry.read_text(encoding="utf-8", errors="replace") for mark in CARDS):
             continue

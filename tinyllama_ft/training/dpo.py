@@ -32,6 +32,7 @@ from ..settings.device import check_training_device, device_line, remember_cpu_r
 from ..settings.paths import recorded
 from ..settings.precision import set_precision
 from ..settings.sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
+from ..settings.tracking import check_trackers
 from ..storage.run_folder import StagedCheckpoints
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class DpoConfig(DPOConfig):
     def _check_values(self):
         if not self.adapter:
             raise UserError("dpo needs --adapter RUN: the folder of a finished SFT run (python -m tinyllama_ft train)")
+        check_trackers(self.report_to)
         self.columns = parse_pair_columns(self.columns) or None
         self.system_prompt = (self.system_prompt or "").strip() or None
         self.dataset_split = self.dataset_split or ("train_prefs" if self.dataset_name == DEFAULT_PAIRS else "train")
