@@ -18,7 +18,7 @@ from tinyllama_ft.model.loading import build_tiny_model, build_tiny_tokenizer
 GOOD = {"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "open_qa"}
 
 DATASETS = {
-    "missing_column.jsonl": [{"instruction": "a", "response": "b"}] * 50,
+    "missing_column.jsonl": [{"instruction": "a", "context": ""}] * 50,
     "misspelt_column.jsonl": [{"instruction": "a", "contex": "", "response": "b"}] * 50,
     "null_field.jsonl": [GOOD] * 10 + [dict(GOOD, context=None)] + [GOOD] * 39,
     "number_field.jsonl": [GOOD] * 10 + [dict(GOOD, response=42)] + [GOOD] * 39,
@@ -28,8 +28,8 @@ DATASETS = {
 }
 
 CASES = [  # (flags after `train --preset smoke`, expected words in the one-line error)
-    (["--dataset_name", "{tmp}/missing_column.jsonl"], "row 0 has no column 'context'"),
-    (["--dataset_name", "{tmp}/misspelt_column.jsonl"], "row 0 has no column 'context'"),
+    (["--dataset_name", "{tmp}/missing_column.jsonl"], "row 0 has no column 'response'"),
+    (["--dataset_name", "{tmp}/misspelt_column.jsonl"], "row 0 has no column 'context' but has 'contex'"),
     (["--dataset_name", "{tmp}/null_field.jsonl"], "row 10: 'context' is NoneType"),
     (["--dataset_name", "{tmp}/number_field.jsonl"], "row 10: 'response' is int"),
     (["--dataset_name", "{tmp}/empty_instruction.jsonl"], "row 3: 'instruction' is empty"),
