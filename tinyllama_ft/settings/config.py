@@ -101,8 +101,8 @@ class Config(SFTConfig):
     dataset_format: str = field(
         default="auto",
         metadata={"help": "auto | dolly | alpaca | messages | prompt_completion. auto: detected from the columns: "
-                  "dolly (instruction, context, response), alpaca (instruction, input, output), messages (a list "
-                  "of {role, content}, every assistant turn trained) or prompt_completion (prompt, completion: "
+                  "dolly (instruction, optional context, response), alpaca (instruction, optional input, output), "
+                  "messages (a list of {role, content}, every assistant turn trained) or prompt_completion (prompt, completion: "
                   "strings or message lists, the completion trained). Category optional in all.",
                   "choices": ["auto", "dolly", "alpaca", "messages", "prompt_completion"]},
     )
