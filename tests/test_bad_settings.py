@@ -220,7 +220,8 @@ COMMAND_CASES = [  # (arguments after `python -m tinyllama_ft`, words of the one
      "micro-batches an epoch has (train_size 24 rows / per_device_train_batch_size 2)"),
     (["generate", "--adapter", "runs/none", "--instruction", "Hi.", "--max_new_tokens", "nan"],
      "--max_new_tokens nan: must be a finite number"),
-    (["generate", "--adapter", "runs/none", "--instruction", "Hi.", "--max_new_tokens", "8.5"], "must be a whole number"),
+    (["generate", "--adapter", "runs/none", "--instruction", "Hi.", "--max_new_tokens", "8.5"],
+     "must be a whole number"),
     (["chat", "--adapter", "runs/none", "--temperature", "nan"], "--temperature nan: must be a finite number"),
     (["chat", "--adapter", "runs/none", "--temperature=-1"], "--temperature -1: temperature must be in [0, 2]"),
     (["chat", "--adapter", "runs/none", "--top_p", "0"], "--top_p 0: top_p must be in (0, 1]"),
@@ -248,7 +249,8 @@ def alias_bomb(levels=9) -> str:
 
 
 YAML_CASES = [  # (file text, words of the one line; {path} is the file)
-    ("seed: 1\nlearning_rate: 0.001\nseed: 2\n", "--config {path}: key 'seed' is given twice (lines 1 and 3): keep one"),
+    ("seed: 1\nlearning_rate: 0.001\nseed: 2\n",
+     "--config {path}: key 'seed' is given twice (lines 1 and 3): keep one"),
     (alias_bomb(), "--config {path}: its aliases expand to more than 10,000 values"),
     ("seed: " + "9" * 5000 + "\n", "--config {path} holds a value Python cannot read"),
     ("seed: " + "[" * 3000 + "]" * 3000 + "\n", "--config {path} nests its values too deep to read"),

@@ -223,7 +223,8 @@ PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
     (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/special.jsonl", "--out",
       "{tmp}/a_file.txt/rows.jsonl"], "a_file.txt is a file, not a folder"),
     (["serve", "--adapter", "{tmp}/truncated_weights", "--port", "0"], "--port must be between 1 and 65535"),
-    (["chat", "--adapter", "{tmp}/truncated_weights", "--max_new_tokens", "0"], "--max_new_tokens 0: max_new_tokens must be > 0"),
+    (["chat", "--adapter", "{tmp}/truncated_weights", "--max_new_tokens", "0"],
+     "--max_new_tokens 0: max_new_tokens must be > 0"),
     (["chat", "--adapter", "{tmp}/truncated_weights", "--top_p", "0"], "--top_p 0: top_p must be in (0, 1]"),
 ]
 

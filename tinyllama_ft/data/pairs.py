@@ -87,7 +87,8 @@ def to_pair(row: dict, system_prompt: str | None = None) -> dict:
         value = row.get(side)
         if value is None:
             raise UserError(f"missing {side}")
-        if not isinstance(value, (str, list)) or isinstance(value, list) and not all(isinstance(m, dict) for m in value):
+        messages = value if isinstance(value, list) else []
+        if not isinstance(value, (str, list)) or not all(isinstance(m, dict) for m in messages):
             raise UserError(f"bad {side}: {_kind_of(value)}, not text or a list of {{role, content}} messages")
         if not _has_text(value):
             raise UserError(f"empty {side}")

@@ -102,8 +102,8 @@ class Config(SFTConfig):
         default="auto",
         metadata={"help": "auto | dolly | alpaca | messages | prompt_completion. auto: detected from the columns: "
                   "dolly (instruction, optional context, response), alpaca (instruction, optional input, output), "
-                  "messages (a list of {role, content}, every assistant turn trained) or prompt_completion (prompt, completion: "
-                  "strings or message lists, the completion trained). Category optional in all.",
+                  "messages (a list of {role, content}, every assistant turn trained) or prompt_completion (prompt, "
+                  "completion: strings or message lists, the completion trained). Category optional in all.",
                   "choices": ["auto", "dolly", "alpaca", "messages", "prompt_completion"]},
     )
     columns: dict[str, str] | str | None = field(

@@ -69,7 +69,7 @@ def _flag_parser(cls) -> "_Parser":
     kinds = {f.name: field_kind(cls, f.name) for f in dataclasses.fields(cls)}
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-        if kinds.get(action.dest) in ("int", "float", "bool", "str", "list"):
+        if kinds.get(action.dest) in ("int", "float", "bool", "str", "list", "floats"):
             action.type = action.choices = None  # checked by `validate`: a flag's error reads like a file's
     return parser
 
@@ -168,8 +168,8 @@ def read_yaml(path: str | None) -> dict:
     except RecursionError:
         raise UserError(f"--config {path} nests its values too deep to read: flatten the file") from None
     except ValueError as error:  # e.g. an integer of more than 4,300 digits
-        raise UserError(f"--config {path} holds a value Python cannot read ({str(error).split(':')[0][:120]}): fix the file") \
-            from None
+        problem = str(error).split(":")[0][:120]
+        raise UserError(f"--config {path} holds a value Python cannot read ({problem}): fix the file") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path} holds a YAML {type(data).__name__}, not a mapping of field names to "
                         "values: write one `name: value` a line")

@@ -44,7 +44,7 @@ INHERITED_CHECKS = {
     "precompute_ref_batch_size": "> 0", "f_alpha_divergence_coef": "> 0",
 }
 HINTS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
-         "list": "one name or several (a,b or a list)"}
+         "list": "one name or several (a,b or a list)", "floats": "numbers (a,b or a list)"}
 
 
 
@@ -194,6 +194,8 @@ def _kind(annotation):
         annotation, origin = rest[0], typing.get_origin(rest[0])
     if origin is list and typing.get_args(annotation) == (str,):
         return "list", optional
+    if origin is list and typing.get_args(annotation) == (float,):
+        return "floats", optional
     for kind in (bool, int, float, str):
         if annotation is kind:
             return kind.__name__, optional
@@ -233,6 +235,13 @@ def convert(name: str, value, kind: str):
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return [part for v in value for part in re.split(r"[,\s]+", v) if part]
         raise refuse(name, value, "must be names (text), one or several", "q_proj,v_proj")
+    if kind == "floats":  # "0.8,0.2", "0.8 0.2", [0.8, 0.2]: each a finite number
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise refuse(name, value, "must be numbers, one or several", "1.0")
+        parts = [p for v in value for p in (re.split(r"[,\s]+", v) if isinstance(v, str) else [v]) if p != ""]
+        return [float(_number(name, part, "float")) for part in parts]
     return value
 
 
@@ -288,7 +297,7 @@ def validate(config) -> None:
         if choices and bad:
             which = f"{_show(bad[0])} is not one of" if kind == "list" else "must be one of"
             raise refuse(field.name, raw, f"{which} {', '.join(map(str, choices))}", choices[0])
-        if rule and kind in ("int", "float", "list"):
+        if rule and kind in ("int", "float", "list", "floats"):
             test, words = parse_rule(rule)
             if not test(value):
                 example = _example(field.name, 1)
