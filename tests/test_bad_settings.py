@@ -227,6 +227,9 @@ COMMAND_CASES = [  # (arguments after `python -m tinyllama_ft`, words of the one
     (["chat", "--adapter", "runs/none", "--top_p", "0"], "--top_p 0: top_p must be in (0, 1]"),
     (["chat", "--adapter", "runs/none", "--top_p", "inf"], "--top_p inf: must be a finite number"),
     (["chat", "--adapter", "runs/none", "--max_new_tokens", "0"], "--max_new_tokens 0: max_new_tokens must be > 0"),
+    (["chat", "--adapter", "runs/none", "--Temperature", "0.5"], "--Temperature 0.5 (did you mean --temperature?)"),
+    (["generate", "--adapter", "runs/none", "--instruction", "Hi.", "--max_tokens", "5"],
+     "--max_tokens 5 (did you mean --max_new_tokens?)"),
 ]
 
 

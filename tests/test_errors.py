@@ -337,6 +337,11 @@ def test_generate_caps_its_budget_at_what_the_context_leaves(tiny_export, capsys
     prompt = encode_prompt(build_tiny_tokenizer(), prompt_messages(instruction))
     room = 1024 - len(prompt)
     assert 0 < room < 1024 and new_token_budget(build_tiny_model(), [prompt], 10**9) == room
+    # the same cap in the Python API, which train's and dpo's generation stages call: a batch gets what its
+    # longest prompt leaves
+    answers = generate(build_tiny_model(), build_tiny_tokenizer(), [instruction, "Hi."], max_new_tokens=10**9,
+                       progress=False)
+    assert all(answer["tokens"] <= room for answer in answers), [a["tokens"] for a in answers]
     assert main(["generate", "--adapter", str(tiny_export), "--instruction", instruction, "--max_new_tokens",
                  "1000000000"]) == 0
     err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()  # (weight loading's bar aside)
