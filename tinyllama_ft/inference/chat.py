@@ -23,9 +23,9 @@ from transformers import TextStreamer
 from ..data.encoding import encode_prompt, find_special_text
 from ..data.formats import prompt_messages
 from ..errors import UserError
-from ..model.generation import decode_answer
+from ..model.generation import context_length, decode_answer
 from ..settings.generation import generation_settings
-from ..storage.saved_model import context_length, load_saved, saved_system_prompt
+from ..storage.saved_model import load_saved, saved_system_prompt
 
 log = logging.getLogger(__name__)
 

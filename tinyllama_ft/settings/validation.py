@@ -47,7 +47,6 @@ HINTS = {"int": "a whole number", "float": "a number", "bool": "true or false", 
          "list": "one name or several (a,b or a list)", "floats": "numbers (a,b or a list)"}
 
 
-
 class _BoundedRepr(reprlib.Repr):
     """`repr` cut short at every level (3 deep, 6 items, 40 characters a string): "..." marks what it left out."""
 
@@ -293,10 +292,11 @@ def validate(config) -> None:
         raw, value = value, convert(field.name, value, kind)
         setattr(config, field.name, value)
         rule, choices = field_rule(field), list(field.metadata.get("choices") or [])
-        bad = [v for v in value if v not in choices] if kind == "list" else [value] if value not in choices else []
-        if choices and bad:
-            which = f"{_show(bad[0])} is not one of" if kind == "list" else "must be one of"
-            raise refuse(field.name, raw, f"{which} {', '.join(map(str, choices))}", choices[0])
+        if choices:
+            bad = [v for v in value if v not in choices] if kind == "list" else [] if value in choices else [value]
+            if bad:
+                which = f"{_show(bad[0])} is not one of" if kind == "list" else "must be one of"
+                raise refuse(field.name, raw, f"{which} {', '.join(map(str, choices))}", choices[0])
         if rule and kind in ("int", "float", "list", "floats"):
             test, words = parse_rule(rule)
             if not test(value):

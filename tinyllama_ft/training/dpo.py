@@ -36,7 +36,7 @@ DEFAULT_PAIRS = "HuggingFaceH4/orca_dpo_pairs"  # MIT licence; splits train_pref
 SAMPLE_PAIRS = str(Path(__file__).parents[1] / "samples" / "sample_pairs.jsonl")
 
 # TRL's DPOConfig: the loss types its help lists and DPOTrainer computes, the f-divergences, and the losses that
-# take a non-default f-divergence (tests/test_dpo.py reads them back from the installed TRL).
+# take a non-default f-divergence (tests/test_bad_settings.py reads them back from the installed TRL).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
