@@ -365,6 +365,13 @@ def test_chat_with_a_closed_standard_input_ends_quietly(tiny_export, capsys, mon
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_chat_refuses_a_budget_that_leaves_no_room_for_a_message(tiny_export, capsys):
+    assert main(["chat", "--adapter", str(tiny_export), "--max_new_tokens", "5000"]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert err[-1] == ("error: --max_new_tokens 5000 leaves no room for a message in the model's 1024 positions: "
+                       "pass at most 512") and "Traceback" not in "".join(err), err
+
+
 def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(tiny_export, capsys, monkeypatch):
     import io
 
