@@ -323,7 +323,7 @@ COLUMNS_EXAMPLE = re.compile(r"--columns[ =]([^\s`]+)|\bcolumns: (\{[^`}]*\})")
 def column_examples(pages=PAGES) -> list[tuple[str, int, str, str]]:
     """(page, line, the `--columns` value or YAML `columns:` mapping, the rows it describes): each example of
     renaming columns, with the ```json block that follows it within 12 lines (the data it is shown for).
-    Usage synopses (`--columns a=b,...`) are not examples."""
+    Usage synopses (`--columns a=b,...`) and tables (which quote messages) are not examples."""
     found = []
     for page in pages:
         lines = page.read_text(encoding="utf-8").splitlines()
@@ -336,7 +336,7 @@ def column_examples(pages=PAGES) -> list[tuple[str, int, str, str]]:
                     blocks.append((start, "\n".join(lines[start + 1:number])))
                     start = None
         for number, line in enumerate(lines):
-            for match in COLUMNS_EXAMPLE.finditer(line):
+            for match in COLUMNS_EXAMPLE.finditer("" if line.startswith("|") else line):
                 value = match.group(1) or match.group(2)
                 if "..." in value or value.startswith("a=b"):
                     continue
