@@ -2,6 +2,7 @@
 tests that need them skip with the reason when they are absent (a user's fresh clone)."""
 
 import json
+import locale
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TINYLLAMA_ASSETS", ROOT.parent / "shared" / "assets"))
+
+
+def as_printed(text: str) -> str:
+    """`text` as a command prints it on this environment's console (its child processes inherit it): what the
+    console's encoding lacks becomes "?" (`settings/console.py`); on a UTF-8 console, `text` itself."""
+    encoding = (os.environ.get("PYTHONIOENCODING") or locale.getpreferredencoding(False)).split(":")[0]
+    return text.encode(encoding, "replace").decode(encoding)
 
 
 def asset(name: str) -> Path:

@@ -32,7 +32,7 @@ stage, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 
 
 def pause():
-    marker.write_text(stage)
+    marker.write_text(stage, encoding="utf-8")
     while True:  # SIGINT / SIGTERM arrive as KeyboardInterrupt here, as in a real run
         time.sleep(0.05)
 

@@ -109,7 +109,7 @@ def test_a_notebook_variable(field, text, value, words):
                          ids=[f"{c[0]}={c[1]}" for c in CASES] + [f"{f}={v!r}" for f, v, _ in TYPED_CASES])
 def test_a_line_of_a_yaml_file(field, text, value, words, tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({field: value}))
+    path.write_text(yaml.safe_dump({field: value}), encoding="utf-8")
     message = refusal(lambda: parse_config([*BASE, "--config", str(path)]))
     assert message.startswith(f"{field}: ") and f" in {path}: " in message and words in message, message
 
@@ -125,7 +125,7 @@ def test_a_yaml_file_converts_values_as_a_flag_would(tmp_path):
     """`lora_r: 8.0` is 8, one module name is a list of one, numbers written as text are numbers."""
     path = tmp_path / "run.yaml"
     path.write_text("lora_r: 8.0\nlora_target_modules: q_proj\nlearning_rate: '3e-4'\nsave_total_limit: none\n"
-                    "gradient_checkpointing: 'false'\n")
+                    "gradient_checkpointing: 'false'\n", encoding="utf-8")
     config = parse_config([*BASE, "--config", str(path)])
     assert (config.lora_r, config.lora_target_modules, config.learning_rate) == (8, ["q_proj"], 3e-4)
     assert config.save_total_limit is None and config.gradient_checkpointing is False
@@ -154,15 +154,15 @@ UNKNOWN = [
     (lambda tmp: parse_config(lora_rank=8), "unknown configuration field 'lora_rank' (did you mean lora_r?)"),
     (lambda tmp: notebook_config({}, {"TINYLLAMA_FT_LORA_RANK": "8"}),
      "unknown configuration field TINYLLAMA_FT_LORA_RANK (did you mean lora_r?)"),
-    (lambda tmp: (tmp / "u.yaml").write_text("lora_rank: 8\n") and parse_config(["--config", str(tmp / "u.yaml")]),
+    (lambda tmp: (tmp / "u.yaml").write_text("lora_rank: 8\n", encoding="utf-8") and parse_config(["--config", str(tmp / "u.yaml")]),
      "unknown configuration field 'lora_rank' in"),
-    (lambda tmp: (tmp / "e.yaml").write_text("env: 5\n") and parse_config(["--config", str(tmp / "e.yaml")]),
+    (lambda tmp: (tmp / "e.yaml").write_text("env: 5\n", encoding="utf-8") and parse_config(["--config", str(tmp / "e.yaml")]),
      "`env:` must be a mapping"),
     (lambda tmp: parse_config(["--config", str(tmp)]), "is a folder: pass a YAML file"),
     (lambda tmp: parse_config([*BASE, "--columns", "instruction"]), "is not NAME=COLUMN"),
     (lambda tmp: parse_config([*BASE, "--lr_scheduler_type", "bogus"]), "transformers/TRL refuse this configuration"),
     (lambda tmp: parse_config(["--preset", "nope"]), "--preset nope: is not a preset (presets: smoke)"),
-    (lambda tmp: (tmp / "p.yaml").write_text("preset: nope\n") and parse_config(["--config", str(tmp / "p.yaml")]),
+    (lambda tmp: (tmp / "p.yaml").write_text("preset: nope\n", encoding="utf-8") and parse_config(["--config", str(tmp / "p.yaml")]),
      "preset: nope in"),
     (lambda tmp: notebook_config({}, {"TINYLLAMA_FT_PRESET": "nope"}), "TINYLLAMA_FT_PRESET=nope: is not a preset"),
     (lambda tmp: parse_config(BASE, output_dir="  "), "is not a folder name: pass output_dir=runs/my-run"),

@@ -28,7 +28,7 @@ needs_tokenizer = pytest.mark.skipif(
 def test_cpu_bench_end_to_end_reduced(tmp_path, capsys):
     out = tmp_path / "bench.json"
     report = main(["--preset", "cpu", "--rows", "16", "--out", str(out)])  # one optimizer step of 16 rows each
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     assert data == json.loads(json.dumps(report))
     for name in ("baseline", "default"):
         assert set(KEYS) <= set(data[name])

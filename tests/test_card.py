@@ -60,8 +60,8 @@ def test_card_front_matter_licence_and_every_paired_metric_including_new_ones():
 @pytest.mark.slow
 def test_run_folder_and_merged_export_carry_the_card(tmp_path):
     run = stories_run()
-    metrics = json.loads((run / "metrics.json").read_text())
-    card = (run / "README.md").read_text()
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    card = (run / "README.md").read_text(encoding="utf-8")
     assert "[More Information Needed]" not in card and "## Prompt format" in card and "ollama run" in card
     meta = front_matter(card)
     assert meta["library_name"] == "peft" and meta["license"] == "cc-by-sa-3.0"
@@ -73,7 +73,7 @@ def test_run_folder_and_merged_export_carry_the_card(tmp_path):
         assert f"| {category} |" in card
 
     merged = export_merged(str(run), str(tmp_path / "merged"))
-    merged_card = (merged / "README.md").read_text()
+    merged_card = (merged / "README.md").read_text(encoding="utf-8")
     assert front_matter(merged_card)["library_name"] == "transformers" and "merge_and_unload" in merged_card
     assert model_index(merged_card) == index
     model, tokenizer = load_for_inference(str(run), device="cpu")

@@ -76,9 +76,9 @@ def test_special_token_text_is_reported_and_the_chat_goes_on(tiny, capsys):
 def test_a_folder_that_is_neither_a_run_nor_a_merged_model_is_one_line(tmp_path):
     with pytest.raises(UserError, match="neither a run folder .* nor a merged export"):
         load_saved(str(tmp_path))
-    (tmp_path / "run_config.json").write_text('{"system_prompt": "Be brief."}')
+    (tmp_path / "run_config.json").write_text('{"system_prompt": "Be brief."}', encoding="utf-8")
     assert saved_system_prompt(str(tmp_path)) == "Be brief."
-    (tmp_path / "run_config.json").write_text('{"system_prompt": ""}')
+    (tmp_path / "run_config.json").write_text('{"system_prompt": ""}', encoding="utf-8")
     assert saved_system_prompt(str(tmp_path)) is None
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, as_printed
 
 REQUIRED_METRICS = {"base_eval_loss", "eval_loss", "base_eval_perplexity", "eval_perplexity", "train_loss",
                     "train_runtime", "train_tokens_per_second", "rouge1", "rouge2", "rougeL", "bleu", "eos_rate",
@@ -51,7 +51,7 @@ def test_config_help_lists_every_field():
 
 
 def test_config_layers_yaml_and_flags(tmp_path):
-    (tmp_path / "c.yaml").write_text("learning_rate: 1.0e-4\nlora_r: 8\npreset: smoke\n")
+    (tmp_path / "c.yaml").write_text("learning_rate: 1.0e-4\nlora_r: 8\npreset: smoke\n", encoding="utf-8")
     config = json.loads(cli("config", "--config", tmp_path / "c.yaml", "--lora_r", 4).stdout)
     assert (config["learning_rate"], config["lora_r"], config["train_size"]) == (1e-4, 4, 24)
 
@@ -60,7 +60,7 @@ def test_preview_writes_what_the_trainer_is_fed(tinyllama_tokenizer, dolly_path,
     out = tmp_path / "p.jsonl"
     cli("preview", "--model_name_or_path", tinyllama_tokenizer.name_or_path, "--dataset_name", dolly_path,
         "--n", 5, "--out", out)
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [line["row"] for line in lines] == [0, 1, 2, 3, 4]
     for line in lines:
         assert len(line["input_ids"]) == len(line["labels"]) and line["labels"][-1] == 2
@@ -73,14 +73,14 @@ def test_smoke_preset_end_to_end(tmp_path):
     trained = cli("train", "--preset", "smoke", "--output_dir", out)
     assert "ContinuousBatching" not in trained.stderr  # transformers' set-up chatter (22 lines a run before)
     assert "'pin_memory' argument is set as true" not in trained.stderr  # torch's warning without a GPU
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert REQUIRED_METRICS <= set(metrics)
-    assert set(json.loads((out / "split.json").read_text())) == {"train", "validation", "test"}
+    assert set(json.loads((out / "split.json").read_text(encoding="utf-8"))) == {"train", "validation", "test"}
     from tinyllama_ft import generate, load_for_inference
 
     printed = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8).stdout
     model, tokenizer = load_for_inference(str(out), device="cpu")
-    assert printed == generate(model, tokenizer, "Name a color.", max_new_tokens=8)["text"] + "\n"
+    assert printed == as_printed(generate(model, tokenizer, "Name a color.", max_new_tokens=8)["text"]) + "\n"
     env_without_token = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     exported = subprocess.run([sys.executable, "-m", "tinyllama_ft", "export", "--adapter", str(out), "--out",
                                str(tmp_path / "merged"), "--push_to_hub", "someone/tiny"], cwd=ROOT,

@@ -107,14 +107,14 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, deadline_s: float =
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text(encoding='utf-8')[-3000:]}")
         try:
             if httpx.get(url, timeout=5).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {deadline_s} s:\n{log.read_text()[-3000:]}")
+    raise AssertionError(f"{url} did not answer within {deadline_s} s:\n{log.read_text(encoding='utf-8')[-3000:]}")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -196,7 +196,7 @@ def test_pipeline_on_the_merged_export_answers_like_generate_with_no_generation_
 
     exports = consumer_exports(run)
     pipe = pipeline("text-generation", model=str(exports["merged"]), device="cpu")
-    config = json.loads((exports["merged"] / "generation_config.json").read_text())
+    config = json.loads((exports["merged"] / "generation_config.json").read_text(encoding="utf-8"))
     assert config["do_sample"] is False and config["eos_token_id"] == 2 and config["max_new_tokens"] > 0
     prompts, expected = consumer_prompts(), exports["generated"]
     got = []
@@ -278,7 +278,7 @@ def test_llama_cpp_server_answers_like_generate_through_the_openai_client(tmp_pa
     exports = consumer_exports(run)
     port, log = free_port(), tmp_path / "llama_cpp_server.log"
     process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(exports["gguf"]), "--n_ctx", "512",
-                                "--n_threads", "1", "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+                                "--n_threads", "1", "--port", str(port)], stdout=log.open("w", encoding="utf-8"), stderr=subprocess.STDOUT)
     try:
         wait_for(f"http://127.0.0.1:{port}/v1/models", process, log)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -294,7 +294,7 @@ def test_llama_cpp_server_answers_like_generate_through_the_openai_client(tmp_pa
     tokenizer = exports["model"][1]
     assert prompt_tokens == [len(encode_prompt(tokenizer, m)) for m in consumer_prompts()]
     check_answers("python -m llama_cpp.server + openai client", run, got, exports["generated"])
-    assert "training context overflow" not in log.read_text()
+    assert "training context overflow" not in log.read_text(encoding="utf-8")
 
 
 # --- transformers chat: HF's own terminal client against serve ----------------------------------------------------
@@ -314,7 +314,7 @@ def test_transformers_chat_against_serve_answers_like_generate_with_its_own_flag
     name = exports["run"].name
     port, log = free_port(), tmp_path / "serve.log"
     server = subprocess.Popen([sys.executable, "-m", "tinyllama_ft", "serve", "--adapter", str(exports["run"]),
-                               "--port", str(port)], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                               "--port", str(port)], cwd=ROOT, stdout=log.open("w", encoding="utf-8"), stderr=subprocess.STDOUT)
     try:
         wait_for(f"http://127.0.0.1:{port}/v1/models", server, log)
         typed = [messages[0]["content"]] + ([] if expected["ended"] else ["n"]) + ["!save", "!exit"]  # n: no "continue"
@@ -327,7 +327,7 @@ def test_transformers_chat_against_serve_answers_like_generate_with_its_own_flag
         stop(server)
     assert client.returncode == 0, client.stdout[-2000:] + client.stderr[-2000:]
     (saved,) = (tmp_path / "saved" / name).glob("chat_*.json")
-    chat = json.loads(saved.read_text())
+    chat = json.loads(saved.read_text(encoding="utf-8"))
     assert chat["settings"]["config"]["max_new_tokens"] == budget
     assert chat["chat_history"][0] == messages[0]
     answer = chat["chat_history"][1]["content"]
@@ -354,7 +354,7 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([str(llama_server_binary()), "-m", str(gguf), "--jinja", "-c", str(n_ctx),
                                          "-t", "1", "-np", "1", "--host", "127.0.0.1", "--port", str(self.port)],
-                                        stdout=log.open("w"), stderr=subprocess.STDOUT)
+                                        stdout=log.open("w", encoding="utf-8"), stderr=subprocess.STDOUT)
 
     def __enter__(self):
         wait_for(f"{self.url}/health", self.process, self.log)
@@ -381,7 +381,7 @@ def test_llama_server_applies_the_template_to_encode_prompts_ids(tinyllama, tmp_
     print(f"llama-server --jinja: {same}/{len(tinyllama['ids'])} prompts with encode_prompt's ids")
     assert same == len(tinyllama["ids"])
     assert reply["usage"]["prompt_tokens"] == len(tinyllama["ids"][1])
-    assert DOUBLE_BOS not in log.read_text()
+    assert DOUBLE_BOS not in log.read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
@@ -400,7 +400,7 @@ def test_llama_server_answers_like_generate(tmp_path, run):
             prompt_tokens.append(reply["usage"]["prompt_tokens"])
     assert prompt_tokens == [len(encode_prompt(tokenizer, m)) for m in consumer_prompts()]
     check_answers("llama-server --jinja", run, got, exports["generated"])
-    assert DOUBLE_BOS not in log.read_text()
+    assert DOUBLE_BOS not in log.read_text(encoding="utf-8")
 
 
 # --- (d) Ollama's template path ----------------------------------------------------------------------------------

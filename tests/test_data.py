@@ -95,8 +95,8 @@ def test_an_empty_dataset_is_rejected():
 
 
 def test_jsonl_and_json_files_are_read(tmp_path):
-    (tmp_path / "d.jsonl").write_text(json.dumps(ROW) + "\n\n" + json.dumps(ROW) + "\n")
-    (tmp_path / "d.json").write_text(json.dumps([ROW]))
+    (tmp_path / "d.jsonl").write_text(json.dumps(ROW) + "\n\n" + json.dumps(ROW) + "\n", encoding="utf-8")
+    (tmp_path / "d.json").write_text(json.dumps([ROW]), encoding="utf-8")
     assert load_rows(str(tmp_path / "d.jsonl")) == [ROW, ROW]
     assert load_rows(str(tmp_path / "d.json")) == [ROW]
 
@@ -109,14 +109,14 @@ def test_parquet_files_are_read(tmp_path):
 
 
 def test_invalid_json_names_the_line(tmp_path):
-    (tmp_path / "d.jsonl").write_text(json.dumps(ROW) + "\n{oops\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps(ROW) + "\n{oops\n", encoding="utf-8")
     with pytest.raises(UserError, match="invalid JSON on line 2"):
         load_rows(str(tmp_path / "d.jsonl"))
 
 
 @pytest.mark.parametrize("name, message", [("missing.jsonl", "does not exist"), ("d.txt", "not .json")])
 def test_bad_paths_get_a_clear_error(tmp_path, name, message):
-    (tmp_path / "d.txt").write_text("a,b\n")  # (a .csv with a header is read)
+    (tmp_path / "d.txt").write_text("a,b\n", encoding="utf-8")  # (a .csv with a header is read)
     with pytest.raises(UserError, match=message):
         load_rows(str(tmp_path / name))
 

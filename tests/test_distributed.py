@@ -25,16 +25,16 @@ def test_two_processes_train_disjoint_rows_and_write_one_complete_run(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    seen = [set(json.loads((out / f"seen-rank{rank}.json").read_text())) for rank in (0, 1)]
+    seen = [set(json.loads((out / f"seen-rank{rank}.json").read_text(encoding="utf-8"))) for rank in (0, 1)]
     assert seen[0] and seen[1] and not seen[0] & seen[1], "each process must train on its own rows"
     returned = [json.loads((out / f"returned-rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
     assert all(r["run_complete"] for r in returned), f"train returned before the run folder was complete: {returned}"
 
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["world_size"] == 2 and metrics["train_steps"] == 4
     assert metrics["effective_batch_size"] == 2 * 1 * 2
     assert metrics["eval_tokens"] == metrics["base_eval_tokens"] > 0  # all validation rows, counted once
-    assert len(json.loads((out / "generations.json").read_text())["tuned"]) == 8
+    assert len(json.loads((out / "generations.json").read_text(encoding="utf-8"))["tuned"]) == 8
     model, tokenizer = load_for_inference(str(out), device="cpu")
     assert isinstance(generate(model, tokenizer, "Name a color.", max_new_tokens=4)["text"], str)
     assert result.stderr.count("configuration:") == 1, "only the main process logs"
@@ -52,7 +52,7 @@ def test_accelerate_configs_start_with_two_cpu_processes(name, tmp_path):
            "--max_steps", "2", "--num_generate", "2", "--output_dir", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["world_size"] == 2 and metrics["train_steps"] == 2
     model, _ = load_for_inference(str(out), device="cpu")
     assert sum(p.abs().sum() for n, p in model.named_parameters() if "lora_B" in n) > 0

@@ -203,7 +203,7 @@ def precomputed_run() -> dict:
 
 
 def metrics_of(out) -> dict:
-    return json.loads((Path(out) / "metrics.json").read_text())
+    return json.loads((Path(out) / "metrics.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.slow
@@ -230,15 +230,15 @@ def test_the_dpo_run_folder_is_a_run_like_sfts():
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run_config.json", "metrics.json",
             "split.json", "log_history.json", "README.md", f"checkpoint-{STEPS}"} <= names
     assert "ref" not in names and not (out / f"checkpoint-{STEPS}" / "ref").exists()  # the frozen copy stays out
-    run_config = json.loads((out / "run_config.json").read_text())
+    run_config = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
     assert run_config["stage"] == "dpo" and run_config["adapter"] == str(stories_run())
     assert run_config["sft_run_config"]["output_dir"] == str(stories_run())
-    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    adapter_config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     assert adapter_config["base_model_name_or_path"] == str(asset("stories260k"))
-    card = (out / "README.md").read_text()
+    card = (out / "README.md").read_text(encoding="utf-8")
     assert "two stages" in card and "preference accuracy" in card and "DPOTrainer" in card
     assert set(metrics_of(out)["timings"]) >= {"prepare_data", "train", "evaluate_before", "evaluate_after", "save"}
-    assert "rewards/accuracies" in json.loads((out / "log_history.json").read_text())[0]
+    assert "rewards/accuracies" in json.loads((out / "log_history.json").read_text(encoding="utf-8"))[0]
 
 
 @pytest.mark.slow
@@ -251,7 +251,7 @@ def test_reward_accuracy_recomputed_by_hand_from_the_saved_adapters():
 
     out, beta = dpo_run()["out"], 0.1
     tok = load_tokenizer(str(out))
-    held_out = json.loads((out / "split.json").read_text())["validation"][:12]
+    held_out = json.loads((out / "split.json").read_text(encoding="utf-8"))["validation"][:12]
     rows = load_pairs(str(learnable_pairs()))
 
     def logps(adapter, example):
@@ -342,8 +342,8 @@ def test_generate_chat_and_exports_work_on_the_dpo_run(tmp_path):
     assert cli("chat", "--adapter", out, "--max_new_tokens", 4, input="Tell me a story.\n/exit\n").returncode == 0
     merged = tmp_path / "merged"
     cli("export", "--adapter", out, "--out", merged)
-    assert json.loads((merged / "run_config.json").read_text())["stage"] == "dpo"
-    assert "two stages" in (merged / "README.md").read_text()
+    assert json.loads((merged / "run_config.json").read_text(encoding="utf-8"))["stage"] == "dpo"
+    assert "two stages" in (merged / "README.md").read_text(encoding="utf-8")
     generator = pipeline("text-generation", model=str(merged), device="cpu")
     assert generator([{"role": "user", "content": "Tell me a story."}], max_new_tokens=4, do_sample=False)
     gguf = tmp_path / "gguf"

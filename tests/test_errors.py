@@ -98,28 +98,28 @@ CASES = [  # (flags after `train --preset smoke`, expected words in the one-line
 def tmp(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
     for name, rows in DATASETS.items():
-        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "rows.csv").write_text("instruction,context,response\n")
-    (folder / "rows.txt").write_text("instruction,context,response\n")
-    (folder / "ragged.csv").write_text("instruction,context,response\na,,b\nc,,d,e\n")
-    (folder / "broken.yaml").write_text("lora_r: 8\n  bad: [\n")
-    (folder / "list.yaml").write_text("- lora_r: 8\n")
-    (folder / "a_file.txt").write_text("not a folder\n")
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "rows.csv").write_text("instruction,context,response\n", encoding="utf-8")
+    (folder / "rows.txt").write_text("instruction,context,response\n", encoding="utf-8")
+    (folder / "ragged.csv").write_text("instruction,context,response\na,,b\nc,,d,e\n", encoding="utf-8")
+    (folder / "broken.yaml").write_text("lora_r: 8\n  bad: [\n", encoding="utf-8")
+    (folder / "list.yaml").write_text("- lora_r: 8\n", encoding="utf-8")
+    (folder / "a_file.txt").write_text("not a folder\n", encoding="utf-8")
     (folder / "empty_folder").mkdir()
-    (folder / "text.parquet").write_text("".join(json.dumps(GOOD) + "\n" for _ in range(50)))
-    (folder / "object.json").write_text(json.dumps({"rows": [GOOD] * 50}, indent=2))
+    (folder / "text.parquet").write_text("".join(json.dumps(GOOD) + "\n" for _ in range(50)), encoding="utf-8")
+    (folder / "object.json").write_text(json.dumps({"rows": [GOOD] * 50}, indent=2), encoding="utf-8")
     (folder / "latin1.jsonl").write_bytes("".join(json.dumps(dict(GOOD, response="Caf\u00e9."), ensure_ascii=False)
                                                   + "\n" for _ in range(50)).encode("latin-1"))
     (folder / "run").mkdir()
     (folder / "users_folder").mkdir()
-    (folder / "users_folder" / "notes.txt").write_text("mine\n")
+    (folder / "users_folder" / "notes.txt").write_text("mine\n", encoding="utf-8")
     (folder / "users_folder" / "photo.png").write_bytes(b"\x89PNG")
     (folder / "users_readme").mkdir()
-    (folder / "users_readme" / "README.md").write_text("# My project\n")
+    (folder / "users_readme" / "README.md").write_text("# My project\n", encoding="utf-8")
     damaged_folders(folder)
-    (folder / "broken.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{'single': quotes}\n")
+    (folder / "broken.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{'single': quotes}\n", encoding="utf-8")
     (folder / "special.jsonl").write_text("".join(json.dumps(dict(GOOD, response="Done.</s>")) + "\n"
-                                                  for _ in range(50)))
+                                                  for _ in range(50)), encoding="utf-8")
     build_tiny_tokenizer().save_pretrained(folder / "no_weights")  # a tokenizer, no weights
     build_tiny_model().save_pretrained(folder / "no_tokenizer")  # real config and weights, no tokenizer
     return folder
@@ -195,10 +195,10 @@ def damaged_folders(folder):
 
     def adapter(name, config="{}", run_config=None):
         (folder / name).mkdir()
-        (folder / name / "adapter_config.json").write_text(config)
+        (folder / name / "adapter_config.json").write_text(config, encoding="utf-8")
         save_file({"w": torch.zeros(64)}, str(folder / name / "adapter_model.safetensors"))
         if run_config is not None:
-            (folder / name / "run_config.json").write_text(run_config)
+            (folder / name / "run_config.json").write_text(run_config, encoding="utf-8")
         return folder / name / "adapter_model.safetensors"
 
     adapter("bad_adapter_json", config='{"r": 16,')
@@ -208,11 +208,11 @@ def damaged_folders(folder):
     adapter("empty_weights").write_bytes(b"")
     adapter("bad_header").write_bytes((20).to_bytes(8, "little") + b"not json at all....." + b"\0" * 64)
     (folder / "bad_model_config").mkdir()
-    (folder / "bad_model_config" / "config.json").write_text("{")
+    (folder / "bad_model_config" / "config.json").write_text("{", encoding="utf-8")
     save_file({"w": torch.zeros(4)}, str(folder / "bad_model_config" / "model.safetensors"))
     (folder / "other_tool").mkdir()  # e.g. an old PyTorch checkpoint
     (folder / "other_tool" / "pytorch_model.bin").write_bytes(b"PK")
-    (folder / "other_tool" / "config.json").write_text("{}")
+    (folder / "other_tool" / "config.json").write_text("{}", encoding="utf-8")
 
 
 PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
@@ -271,8 +271,8 @@ def test_windows_files_and_json_lines_named_json_are_read(tmp_path):
     lines = "\r\n".join(json.dumps(r) for r in rows) + "\r\n"
     (tmp_path / "windows.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode("utf-8"))
     (tmp_path / "windows.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).replace("\n", "\r\n").encode())
-    (tmp_path / "lines.json").write_text(lines.replace("\r\n", "\n"))
-    (tmp_path / "array.jsonl").write_text(json.dumps(rows))
+    (tmp_path / "lines.json").write_text(lines.replace("\r\n", "\n"), encoding="utf-8")
+    (tmp_path / "array.jsonl").write_text(json.dumps(rows), encoding="utf-8")
     for name in ("windows.jsonl", "windows.json", "lines.json", "array.jsonl"):
         assert load_rows(str(tmp_path / name)) == rows, name
 
@@ -299,7 +299,7 @@ def test_what_a_user_expects_is_read_csv_capital_jsonl_and_all_linear(tmp_path):
                                        encoding="utf-8")
     assert load_rows(str(tmp_path / "rows.csv")) == [{"instruction": "Name a fruit.", "context": "",
                                                        "response": "An apple, red."}]
-    (tmp_path / "ROWS.JSONL").write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "ROWS.JSONL").write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
     assert load_rows(str(tmp_path / "ROWS.JSONL")) == [GOOD]
     config = parse_config(["--preset", "smoke", "--lora_target_modules", "all-linear", "--lora_r", "4"])
     check_model_shape(config)
@@ -312,7 +312,7 @@ def test_preview_out_creates_its_parents_and_leaves_no_temporary_file(tmp_path, 
     out = tmp_path / "new" / "deeper" / "preview.jsonl"
     assert main(["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name",
                  str(ROOT / "tinyllama_ft" / "samples" / "sample.jsonl"), "--n", "2", "--out", str(out)]) == 0
-    assert len(out.read_text().splitlines()) == 2 and oct(out.stat().st_mode & 0o777) == "0o644"
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2 and oct(out.stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in out.parent.iterdir()) == ["preview.jsonl"]
 
 

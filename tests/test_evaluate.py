@@ -216,7 +216,7 @@ def test_train_records_timings_that_add_up(tmp_path):
     start = time.perf_counter()
     metrics = train(parse_config(["--preset", "smoke", "--output_dir", str(out)]))
     wall = time.perf_counter() - start
-    timings = json.loads((out / "metrics.json").read_text())["timings"]
+    timings = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["timings"]
     assert timings == pytest.approx(metrics["timings"])
     stages = ["prepare_data", "load_model", "evaluate_base", "train", "evaluate_tuned", "save"]
     assert list(timings) == stages + ["total"]
@@ -237,7 +237,7 @@ def test_eval_paths_compares_the_paths_on_the_same_numbers(tmp_path):
         pytest.skip(f"the real TinyLlama tokenizer is not under {assets_dir()} (set TINYLLAMA_ASSETS)")
     out = tmp_path / "bench.json"
     report = main(["--preset", "cpu", "--rows", "5", "--max_new_tokens", "4", "--out", str(out)])
-    assert json.loads(out.read_text())["speedup"] == pytest.approx(report["speedup"])
+    assert json.loads(out.read_text(encoding="utf-8"))["speedup"] == pytest.approx(report["speedup"])
     assert report["validation_rows"] == 5 and report["generated_rows"] == 2 and report["texts"] == 4
     assert report["max_relative_difference"] <= 1e-5  # labelled-only vs full logits
     assert report["identical_texts"] == 4  # continuous batching, LoRA merged vs static batches of 8, unmerged

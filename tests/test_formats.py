@@ -152,7 +152,7 @@ def test_split_works_without_categories():
 # --- column mapping, hub configuration and split ------------------------------------------------------
 
 def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
 
 
@@ -172,7 +172,7 @@ def test_columns_from_a_flag_json_yaml_and_python(tmp_path):
     assert parse_config(["--columns", "instruction=question,response=answer"]).columns == expected
     assert parse_config(["--columns", json.dumps(expected)]).columns == expected
     assert parse_config(columns=expected).columns == expected
-    (tmp_path / "c.yaml").write_text("columns:\n  instruction: question\n  response: answer\n")
+    (tmp_path / "c.yaml").write_text("columns:\n  instruction: question\n  response: answer\n", encoding="utf-8")
     assert parse_config(["--config", str(tmp_path / "c.yaml")]).columns == expected
     assert parse_config([]).columns is None
 
@@ -192,16 +192,16 @@ def test_mapped_columns_give_the_rows_of_the_format(tmp_path, tinyllama_tokenize
 def dataset_folder(tmp_path_factory):
     """A local dataset folder with two configurations, read by `datasets.load_dataset` as a hub dataset is."""
     folder = tmp_path_factory.mktemp("hub_like")
-    chats = [json.loads(line) for line in open(SAMPLE_DATA.replace("sample.jsonl", "sample_messages.jsonl"))]
+    chats = [json.loads(line) for line in open(SAMPLE_DATA.replace("sample.jsonl", "sample_messages.jsonl"), encoding="utf-8")]
     (folder / "chat").mkdir()
     _write(folder / "chat" / "train.jsonl", chats)
     _write(folder / "chat" / "test.jsonl", chats[:3])
     (folder / "plain").mkdir()
-    _write(folder / "plain" / "train.jsonl", [json.loads(line) for line in open(SAMPLE_DATA)])
+    _write(folder / "plain" / "train.jsonl", [json.loads(line) for line in open(SAMPLE_DATA, encoding="utf-8")])
     (folder / "README.md").write_text(
         "---\nconfigs:\n- config_name: chat\n  data_files:\n  - split: train\n    path: chat/train.jsonl\n"
         "  - split: test\n    path: chat/test.jsonl\n- config_name: plain\n  data_files:\n  - split: train\n"
-        "    path: plain/train.jsonl\n---\n")
+        "    path: plain/train.jsonl\n---\n", encoding="utf-8")
     return folder
 
 
@@ -402,12 +402,12 @@ def test_stories260k_learns_from_conversations(stories_dir, dolly_rows, tmp_path
     assert metrics["eval_tokens"] == metrics["base_eval_tokens"] > 1000
     assert metrics["eval_loss"] < metrics["base_eval_loss"] - 0.1
     assert set(metrics["per_category"]["tuned"]) == {"multi-turn", "single"}
-    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text(encoding="utf-8"))
     assert saved["system_prompt"] == "You are a helpful assistant." and saved["dataset_format"] == "auto"
 
 
 def test_preview_of_conversations_through_the_command_line(tinyllama_tokenizer, tmp_path):
-    from conftest import ROOT
+    from conftest import ROOT, as_printed
     import subprocess
     import sys
 
@@ -418,7 +418,7 @@ def test_preview_of_conversations_through_the_command_line(tinyllama_tokenizer, 
                              "--system_prompt", "Be brief.", "--out", str(out)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [line["row"] for line in lines] == [0, 2]
     assert lines[0]["input_ids"] == SYSTEM + USER_HI + ASSISTANT + [10994, 29991, EOS] + USER_BYE + ASSISTANT + CIAO
     assert lines[1]["labels"] == [M] * len(SYSTEM + USER_HI + ASSISTANT) + [10994, 29991, EOS]
@@ -429,7 +429,7 @@ def test_preview_of_conversations_through_the_command_line(tinyllama_tokenizer, 
 @pytest.mark.slow
 def test_smoke_preset_on_conversations_through_the_command_line(tmp_path):
     """train, then generate with the run's saved system prompt (or another), from the shell."""
-    from conftest import ROOT
+    from conftest import ROOT, as_printed
     import subprocess
     import sys
 
@@ -445,14 +445,14 @@ def test_smoke_preset_on_conversations_through_the_command_line(tmp_path):
     chats = SAMPLE_DATA.replace("sample.jsonl", "sample_messages.jsonl")
     cli("train", "--preset", "smoke", "--dataset_name", chats, "--system_prompt", "Answer in one sentence.",
         "--output_dir", out)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["eval_tokens"] > 0 and "rougeL" in metrics and metrics["rows"]["train"] == 24
-    assert json.loads((out / "run_config.json").read_text())["system_prompt"] == "Answer in one sentence."
+    assert json.loads((out / "run_config.json").read_text(encoding="utf-8"))["system_prompt"] == "Answer in one sentence."
     model, tokenizer = load_for_inference(str(out), device="cpu")
     for flags, system_prompt in (([], "Answer in one sentence."), (["--system_prompt", ""], None)):
         printed = cli("generate", "--adapter", out, "--instruction", "Name a color.", "--max_new_tokens", 8, *flags)
         expected = generate(model, tokenizer, "Name a color.", max_new_tokens=8, system_prompt=system_prompt)
-        assert printed.stdout == expected["text"] + "\n", flags
+        assert printed.stdout == as_printed(expected["text"]) + "\n", flags
 
 
 def test_readme_examples_are_the_formats_they_document(tinyllama_tokenizer):

@@ -78,7 +78,7 @@ def test_a_flag_with_a_hostile_value(name, value):
 @given(name=st.sampled_from(FUZZED), value=yaml_values)
 def test_a_yaml_file_with_a_hostile_value(name, value, tmp_path_factory):
     path = tmp_path_factory.mktemp("yaml") / "config.yaml"
-    path.write_text(yaml.safe_dump({name: value}, allow_unicode=True))
+    path.write_text(yaml.safe_dump({name: value}, allow_unicode=True), encoding="utf-8")
     check_outcome(lambda: parse_config([*BASE, "--config", str(path)]), f"{name}: {value!r} in YAML")
 
 

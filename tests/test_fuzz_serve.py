@@ -28,7 +28,7 @@ def test_schemathesis_finds_no_server_error_and_the_server_stays_up(tmp_path):
     base = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, "-m", "tinyllama_ft", "serve", "--adapter", str(run), "--port",
                                 str(port), "--max_new_tokens", "8"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=log.open("w"))
+                               stderr=log.open("w", encoding="utf-8"))
     try:
         wait_until_serving(process, f"{base}/v1", log)
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json")

@@ -237,8 +237,8 @@ def stories_run(stories_dir, dolly_path, tmp_path_factory):
     trainer = build_trainer(config, model, tokenizer, data)
     fit(trainer)
     save_run(config, model, tokenizer, {"train_steps": 24}, data.split, trainer.state.log_history, generations={})
-    run_config = json.loads((out / "run_config.json").read_text())  # system_prompt: a Config field
-    (out / "run_config.json").write_text(json.dumps({**run_config, "system_prompt": SYSTEM}))  # chat, read by .get
+    run_config = json.loads((out / "run_config.json").read_text(encoding="utf-8"))  # system_prompt: a Config field
+    (out / "run_config.json").write_text(json.dumps({**run_config, "system_prompt": SYSTEM}), encoding="utf-8")  # chat, read by .get
     lora_b = max(p.detach().abs().max().item() for n, p in model.named_parameters() if "lora_B" in n)
     assert cli_main(["export", "--adapter", str(out), "--out", str(root / "f16"), "--format", "gguf"]) == 0
     exports = {"f16": root / "f16" / "run-f16.gguf",
@@ -351,7 +351,7 @@ def test_q8_0_gguf_is_within_its_measured_tolerance(stories_run, dolly_rows):
 def test_export_writes_a_modelfile_for_the_file_with_the_runs_system_prompt(stories_run):
     folder = stories_run["exports"]["f16"].parent
     assert sorted(p.name for p in folder.iterdir()) == ["Modelfile", "run-f16.gguf"]
-    text = (folder / "Modelfile").read_text()
+    text = (folder / "Modelfile").read_text(encoding="utf-8")
     assert text == modelfile_text("run-f16.gguf", 512, system_prompt=SYSTEM)
 
 
@@ -386,7 +386,7 @@ def test_llama_cpp_reads_the_prompt_and_answers_like_hf(llama_cpp, stories_run, 
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, verbose=False)  # deterministic, kind to a shared box
     try:
         embedded = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
-        ollama = modelfile_template((path.parent / "Modelfile").read_text())
+        ollama = modelfile_template((path.parent / "Modelfile").read_text(encoding="utf-8"))
         rows = clean_rows(dolly_rows, tokenizer, 12)
         for turns in (1, 2, 3):  # the prompt ids: llama.cpp's tokenizer on both templates = encode_prompt
             messages = conversation(rows[:turns], system=True)
@@ -425,7 +425,7 @@ def test_smoke_run_exports_a_gguf_that_reads_back(tmp_path, dolly_rows):
     assert fields["tokenizer.chat_template"] == hf.chat_template  # byte-level: no space to compensate
     same, n = token_agreement(hf, gguf_tokenizer(path), dolly_rows[:200])
     assert same == n
-    assert 'TEMPLATE """{{ range .Messages }}' in (tmp_path / "gguf" / "Modelfile").read_text()
+    assert 'TEMPLATE """{{ range .Messages }}' in (tmp_path / "gguf" / "Modelfile").read_text(encoding="utf-8")
     model, _ = load_for_inference(str(tmp_path / "smoke"), device="cpu", dtype=torch.float32)
     ids = encode_prompt(hf, [{"role": "user", "content": "Give me three uses of a brick."}])
     assert len(greedy(gguf_model(path), ids)) > 0

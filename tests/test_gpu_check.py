@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
                            "--budget", "2400"], cwd=ROOT, capture_output=True, text=True, timeout=2700)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
-    results = json.loads((out / "gpu_check.json").read_text())
+    results = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     assert list(results) == STEPS and all(r["status"] == "ok" for r in results.values()), results
     assert results["versions"]["packages"]["trl"] and results["versions"]["device"] == "CPU"
     assert results["bench, 12 GB cap"]["candidates"]["default_checkpointing"]["configuration"]["gradient_checkpointing"]
@@ -32,5 +32,5 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     for name in ("train fp16", "QLoRA", "Liger on and off"):
         assert "needs a CUDA GPU" in results[name]["refused"]
     assert results["notebook"]["cells"] > 10 and "metrics.json" in results["notebook"]["metrics"]
-    table = (out / "gpu_check.md").read_text()
+    table = (out / "gpu_check.md").read_text(encoding="utf-8")
     assert all(f"## {name}" in table for name in STEPS)

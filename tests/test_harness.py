@@ -32,7 +32,7 @@ LIMIT, BATCH = 12, 4  # 48 loglikelihood requests a model: seconds on stories260
 # --- the bundled task ------------------------------------------------------------------------------
 
 def test_bundled_task_rows_are_the_builder_output_on_the_real_dolly_rows(dolly_rows):
-    committed = [json.loads(line) for line in (harness.LOCAL_TASKS / "dolly_mc.jsonl").read_text().splitlines()]
+    committed = [json.loads(line) for line in (harness.LOCAL_TASKS / "dolly_mc.jsonl").read_text(encoding="utf-8").splitlines()]
     assert committed == harness.build_dolly_mc(dolly_rows)
     for row in committed:
         source = dolly_rows[row["source"]]
@@ -96,7 +96,7 @@ def test_table_chart_and_card_show_base_tuned_and_difference(tmp_path):
     assert "| boolq | acc | 0.5000 ± 0.0100 | 0.6000 ± 0.0100 | +0.1000 |" in table
     paths = harness.write_results(results, tmp_path / "lm_eval.json")
     assert [p.name for p in paths] == ["lm_eval.json", "lm_eval.md", "lm_eval.png"]
-    assert paths[2].stat().st_size > 0 and json.loads(paths[0].read_text())["tuned"] == results["tuned"]
+    assert paths[2].stat().st_size > 0 and json.loads(paths[0].read_text(encoding="utf-8"))["tuned"] == results["tuned"]
     figure = harness.plot_harness(results)
     bars = [p.get_height() for p in figure.axes[0].patches]
     assert bars == pytest.approx([0.35, 0.5, 0.4, 0.6])  # acc_norm where a task has it, base then tuned
@@ -118,7 +118,7 @@ def test_table_chart_and_card_show_base_tuned_and_difference(tmp_path):
 def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "adapter_config.json").write_text("{}")
+    (run / "adapter_config.json").write_text("{}", encoding="utf-8")
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, run / "adapter_model.safetensors")  # whole, so the folder passes its checks
@@ -151,7 +151,7 @@ def lm_eval_cli(out: Path, model_args: str) -> dict:
          "--device", "cpu", "--output_path", str(out)], cwd=out.parent, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = out.rglob("results_*.json")
-    return harness.task_metrics(json.loads(path.read_text()))
+    return harness.task_metrics(json.loads(path.read_text(encoding="utf-8")))
 
 
 def assert_same(ours: dict, theirs: dict, tolerance: float) -> None:
@@ -169,17 +169,18 @@ def evaluated(tmp_path_factory):
     shutil.copytree(stories_run(), run)
     started = time.perf_counter()
     printed = cli("evaluate", "--adapter", run, "--tasks", harness.LOCAL_TASK, "--limit", LIMIT,
-                  "--batch_size", BATCH).stdout.split()
+                  "--batch_size", BATCH).stdout.splitlines()
     print(f"\nour evaluate (one process, base and tuned): {time.perf_counter() - started:.0f} s")
-    return run, printed, json.loads((run / "lm_eval.json").read_text())
+    return run, printed, json.loads((run / "lm_eval.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.slow
 def test_evaluate_equals_the_lm_eval_command_line(evaluated, stories_dir, tmp_path):
     run, printed, ours = evaluated
-    assert printed == [str(run / n) for n in ("lm_eval.json", "lm_eval.md", "lm_eval.png", "README.md")]
+    assert printed[-4:] == [str(run / n) for n in ("lm_eval.json", "lm_eval.md", "lm_eval.png", "README.md")]
+    assert printed[:-4] == str(harness.format_table(ours)).splitlines()  # the table first, as the card shows it
     assert ours["samples"] == {harness.LOCAL_TASK: LIMIT} and ours["num_fewshot"] == {harness.LOCAL_TASK: 0}
-    assert "## Benchmarks: what did fine-tuning cost?" in (run / "README.md").read_text()
+    assert "## Benchmarks: what did fine-tuning cost?" in (run / "README.md").read_text(encoding="utf-8")
     started = time.perf_counter()
     tuned = lm_eval_cli(tmp_path / "cli-tuned", f"pretrained={stories_dir},peft={run}")
     base = lm_eval_cli(tmp_path / "cli-base", f"pretrained={stories_dir}")

@@ -170,7 +170,7 @@ def test_loss_curves_and_comparison_save_pngs_and_tables(tmp_path):
                                      "0.900"]
     assert [line.split()[0] for line in lines[3:]] == ["open_qa", "summarization"]
     assert "<table>" in table._repr_html_()
-    assert (tmp_path / "comparison.md").read_text().startswith("| scope |")
+    assert (tmp_path / "comparison.md").read_text(encoding="utf-8").startswith("| scope |")
     assert all((tmp_path / name).stat().st_size > 0 for name in ("loss.png", "comparison.png"))
 
 
@@ -215,18 +215,18 @@ def test_notebook_runs_headless_in_smoke_mode(tmp_path):
     assert "[[" in text and "</s>]]" in text  # the loss mask, with the trained EOS
     assert "overall" in text and "ROUGE-L base" in text  # the comparison table
     assert "preference accuracy" in text  # the DPO section, on in the smoke preset with the bundled pairs
-    assert json.loads((Path(f"{run}-dpo") / "metrics.json").read_text())["train_steps"] > 0
+    assert json.loads((Path(f"{run}-dpo") / "metrics.json").read_text(encoding="utf-8"))["train_steps"] > 0
 
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert {"eval_loss", "base_eval_loss", "rougeL", "base_eos_rate", "train_loss"} <= set(metrics)
     for name in PNGS:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, f"{name} missing from the run folder"
     assert (run / "adapter_model.safetensors").is_file()
     if importlib.util.find_spec("lm_eval") is not None:  # "What did it forget?": on in smoke runs, dolly_mc
         assert len(images) >= 6 and "fine-tuned" in text and "dolly_mc  acc_norm" in text  # its chart and table
-        results = json.loads((run / "lm_eval.json").read_text())
+        results = json.loads((run / "lm_eval.json").read_text(encoding="utf-8"))
         assert results["tasks"] == ["dolly_mc"] and results["base"]["dolly_mc"]["acc"]["stderr"] > 0
-        assert "## Benchmarks: what did fine-tuning cost?" in (run / "README.md").read_text()
+        assert "## Benchmarks: what did fine-tuning cost?" in (run / "README.md").read_text(encoding="utf-8")
 
     # the same stages as `python -m tinyllama_ft train --preset smoke`: the same adapter, to the bit
     from safetensors.torch import load_file

@@ -97,9 +97,9 @@ def test_a_stopped_run_finishes_with_the_same_adapter(stage, signum, resumable, 
         assert main(["train", *RUN, "--output_dir", str(out)]) == 2
         assert "unfinished run: pass --resume_from_checkpoint true" in capsys.readouterr().err
         newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        state = json.loads((newest / "trainer_state.json").read_text())
+        state = json.loads((newest / "trainer_state.json").read_text(encoding="utf-8"))
         train(out, *RESUME)
-        metrics = json.loads((out / "metrics.json").read_text())  # what this command did, of the run's 8 steps
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))  # what this command did, of the run's 8 steps
         assert (metrics["train_steps"], metrics["train_steps_run"]) == (8, 8 - state["global_step"])
         if metrics["train_steps_run"]:  # this command's tokens over this command's time, not the run's
             assert metrics["train_tokens_per_second"] * metrics["train_runtime"] == pytest.approx(
@@ -128,16 +128,16 @@ def test_a_run_stopped_after_its_last_checkpoint_trains_no_step_more(tmp_path):
     assert f"{out / 'checkpoint-8'} is the run's last step (8): nothing is left to train" in err
     expected, resumed = adapter(reference), adapter(out)
     assert max((resumed[name] - expected[name]).abs().max() for name in expected) <= 1e-6
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert (metrics["train_steps"], metrics["train_steps_run"]) == (8, 0)
     assert metrics["train_loss"] is None and metrics["train_tokens_per_second"] is None
-    assert metrics["train_tokens"] == json.loads((reference / "metrics.json").read_text())["train_tokens"]
+    assert metrics["train_tokens"] == json.loads((reference / "metrics.json").read_text(encoding="utf-8"))["train_tokens"]
     assert not (out / "checkpoint-9").exists()
 
 
 def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
-    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}", encoding="utf-8")
     (tmp_path / ".tmp-checkpoint-6").mkdir()  # what a crash during the save of step 6 leaves
     config = parse_config(RUN + ["--output_dir", str(tmp_path), *RESUME])
     assert resume_path(config) == str(tmp_path / "checkpoint-3")
@@ -163,8 +163,8 @@ def test_a_folder_with_nothing_to_lose_is_used_as_it_is(tmp_path):
 
 def test_overwrite_deletes_nothing_before_the_new_run_is_complete(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
-    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "metrics.json").write_text("{}", encoding="utf-8")
     config = parse_config(RUN + ["--output_dir", str(tmp_path), "--overwrite_output_dir", "true"])
     check_output_dir(config)
     assert (tmp_path / "checkpoint-3").exists() and (tmp_path / "metrics.json").exists()
@@ -176,16 +176,16 @@ def test_a_swap_stopped_between_its_renames_is_completed_by_the_next_command(tmp
     new, old = tmp_path / ".run.replacing", tmp_path / ".run.replaced"
     for folder, tag in ((new, "new"), (old, "old")):
         folder.mkdir()
-        (folder / "metrics.json").write_text(tag)
-    (new / "adapter_model.safetensors").write_text("")
+        (folder / "metrics.json").write_text(tag, encoding="utf-8")
+    (new / "adapter_model.safetensors").write_text("", encoding="utf-8")
     check_output_dir(parse_config(RUN + ["--output_dir", str(out), "--overwrite_output_dir", "true"]))
-    assert (out / "metrics.json").read_text() == "new" and not new.exists() and not old.exists()
+    assert (out / "metrics.json").read_text(encoding="utf-8") == "new" and not new.exists() and not old.exists()
     (new).mkdir()  # the new one incomplete: the old one goes back
     old.mkdir()
-    (old / "metrics.json").write_text("old")
+    (old / "metrics.json").write_text("old", encoding="utf-8")
     shutil.rmtree(out)
     check_saved_folder_or_none(out)
-    assert (out / "metrics.json").read_text() == "old" and not old.exists()
+    assert (out / "metrics.json").read_text(encoding="utf-8") == "old" and not old.exists()
 
 
 def check_saved_folder_or_none(path):

@@ -26,7 +26,7 @@ def stopped(tmp_path_factory):
     stop_at("checkpoint-4", signal.SIGKILL, out, tmp)
     rows = [json.loads(line) for line in open(parse_config(RUN).dataset_name, encoding="utf-8")]
     (tmp / "other.jsonl").write_text("".join(json.dumps(dict(r, response=r["response"] + " Indeed.")) + "\n"
-                                             for r in rows))
+                                             for r in rows), encoding="utf-8")
     return out
 
 
@@ -91,10 +91,10 @@ def test_a_harmless_change_takes_effect_and_run_config_records_it(stopped, tmp_p
     shutil.copytree(stopped, out)
     err = train_cli(out, *RESUME, "--logging_steps", "3")
     assert "resumed with logging_steps 3 (the checkpoint had 1)" in err and "do not match" not in err
-    assert json.loads((out / "run_config.json").read_text())["logging_steps"] == 3
-    logged = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
+    assert json.loads((out / "run_config.json").read_text(encoding="utf-8"))["logging_steps"] == 3
+    logged = [e["step"] for e in json.loads((out / "log_history.json").read_text(encoding="utf-8")) if "loss" in e]
     assert [s for s in logged if s > 4] == [6]  # every third step after the resume; every step before it
-    checkpoint = json.loads((out / "checkpoint-8" / "run_fingerprint.json").read_text())
+    checkpoint = json.loads((out / "checkpoint-8" / "run_fingerprint.json").read_text(encoding="utf-8"))
     assert checkpoint["lora_r"] == 16 and len(checkpoint["training_rows"]) == 16
 
 
@@ -111,6 +111,6 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(name, text, words, sto
     out = tmp_path / "run"
     shutil.copytree(stopped, out)
     target = out / "checkpoint-4" / name
-    target.unlink() if text is None else target.write_text(text)
+    target.unlink() if text is None else target.write_text(text, encoding="utf-8")
     with pytest.raises(UserError, match=re.escape(words)):
         train(parse_config(RUN + ["--output_dir", str(out), *RESUME]))

@@ -26,14 +26,14 @@ KINDS = ("run", "checkpoint", "merged")
 
 
 def test_a_checkpoint_reads_the_settings_of_its_run(tmp_path):
-    (tmp_path / "run_config.json").write_text(json.dumps({"system_prompt": "Be brief.", "model_name_or_path": "m"}))
+    (tmp_path / "run_config.json").write_text(json.dumps({"system_prompt": "Be brief.", "model_name_or_path": "m"}), encoding="utf-8")
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
     assert run_folder_of(checkpoint) == tmp_path and saved_system_prompt(str(checkpoint)) == "Be brief."
     other = tmp_path / "not-a-checkpoint"
     other.mkdir()
     assert run_folder_of(other) == other and saved_system_prompt(str(other)) is None
-    (tmp_path / "run_config.json").write_text("[1, 2]")
+    (tmp_path / "run_config.json").write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(UserError, match="holds no JSON object"):
         saved_system_prompt(str(checkpoint))
 

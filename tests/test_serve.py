@@ -47,7 +47,7 @@ def wait_until_serving(process: subprocess.Popen, base_url: str, log, deadline_s
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text(encoding='utf-8')[-3000:]}")
         try:
             return httpx.get(f"{base_url}/models", timeout=5).json()
         except httpx.TransportError:
@@ -63,7 +63,7 @@ def test_serve_answers_like_generate_streamed_and_not(tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
     base_url = f"http://127.0.0.1:{port}/v1"
     process = subprocess.Popen([sys.executable, "-m", "tinyllama_ft", "serve", "--adapter", str(run), "--port",
-                                str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+                                str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w", encoding="utf-8"))
     try:
         models = wait_until_serving(process, base_url, log)
         assert [m["id"] for m in models["data"]] == [run.name]
@@ -131,7 +131,7 @@ def test_serve_with_continuous_batching_answers_concurrent_requests_like_generat
     base_url = f"http://127.0.0.1:{port}/v1"
     process = subprocess.Popen([sys.executable, "-m", "tinyllama_ft", "serve", "--adapter", str(run), "--port",
                                 str(port), "--continuous_batching"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=log.open("w"))
+                               stderr=log.open("w", encoding="utf-8"))
     try:
         wait_until_serving(process, base_url, log)
         model, tokenizer = load_for_inference(str(run), device="cpu")
@@ -148,8 +148,8 @@ def test_serve_with_continuous_batching_answers_concurrent_requests_like_generat
             answers = list(pool.map(ask, questions))
         assert [a.strip() for a in answers] == [e["text"] for e in expected]
         process.terminate()  # one SIGTERM ends it: the app's shutdown stops the batching worker thread
-        assert process.wait(timeout=60) == 0, log.read_text()[-2000:]
-        assert "ContinuousBatchingLogger - INFO" not in log.read_text()  # transformers' set-up chatter
+        assert process.wait(timeout=60) == 0, log.read_text(encoding="utf-8")[-2000:]
+        assert "ContinuousBatchingLogger - INFO" not in log.read_text(encoding="utf-8")  # transformers' set-up chatter
         check_port_free("127.0.0.1", port)  # and the next `serve` on the same port may start at once
     finally:
         process.terminate()

@@ -58,10 +58,10 @@ def test_output_folder_holds_everything_inference_needs(run):
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "chat_template.jinja",
                  "run_config.json", "metrics.json", "split.json", "log_history.json"):
         assert (out / name).is_file(), name
-    split = json.loads((out / "split.json").read_text())
+    split = json.loads((out / "split.json").read_text(encoding="utf-8"))
     assert split == run["data"].split and set(split) == {"train", "validation", "test"}
-    assert json.loads((out / "run_config.json").read_text())["lora_r"] == 8
-    assert any("eval_loss" in entry for entry in json.loads((out / "log_history.json").read_text()))
+    assert json.loads((out / "run_config.json").read_text(encoding="utf-8"))["lora_r"] == 8
+    assert any("eval_loss" in entry for entry in json.loads((out / "log_history.json").read_text(encoding="utf-8")))
 
 
 def _logits(model, examples, pad_id):

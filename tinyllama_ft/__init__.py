@@ -35,6 +35,7 @@ WINGS = ("settings", "data", "model", "report", "storage", "evaluation", "traini
 _EXPORTS = {  # name -> the module that defines it, in the order the data flows
     "UserError": "errors",
     "Config": "settings.config", "notebook_config": "settings.config", "parse_config": "settings.config",
+    "setup_notebook": "settings.console",
     "format_user_turn": "data.formats", "load_rows": "data.formats", "to_example": "data.formats",
     "encode_example": "data.encoding", "encode_prompt": "data.encoding",
     "prepare_data": "data.prepare",

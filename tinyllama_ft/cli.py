@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
 from .errors import ArgParser, UserError
+from .settings.console import make_streams_safe, setup_console
 from .storage.files import check_out_file, write_text_file
 
 USAGE = """python -m tinyllama_ft COMMAND [options]
@@ -40,13 +39,15 @@ commands:
   bench     --preset cpu|gpu [--repeat N] [--out F.json]
                                                   seed configuration vs default, side by side
 
-`python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks."""
+`python -m tinyllama_ft config --help` lists every configuration field. Add --debug for tracebacks,
+--verbose for every library warning and the full configuration (known noise is silenced by default)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    make_streams_safe()  # before the first print: any text, any console
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in commands:
         print(f"error: unknown command {command!r}; run `python -m tinyllama_ft --help`", file=sys.stderr)
         return 2
-    setup_process()
+    setup_process(verbose)
     try:
         commands[command](rest)
     except UserError as error:
@@ -91,13 +92,11 @@ def close_process_group() -> None:
         distributed.destroy_process_group()
 
 
-def setup_process() -> None:
-    """Logging (only the main process of a multi-process run talks) and SIGTERM handling."""
+def setup_process(verbose: bool = False) -> None:
+    """The console (`settings/console.py`: the log format, the known noise silenced unless `verbose`; only the
+    main process of a multi-process run talks) and SIGTERM handling."""
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: the last checkpoint stays usable
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call chatter
+    setup_console(verbose)
 
 
 def _interrupt(signum, frame):
@@ -266,8 +265,8 @@ def cmd_export(args: list[str]) -> None:
 def cmd_evaluate(args: list[str]) -> None:
     """lm-evaluation-harness on the base and the fine-tuned model (`evaluation/harness.py`; the Dolly evaluation
     that `train` runs is `evaluation/dolly.py`)."""
-    from .evaluation.harness import (DEFAULT_TASKS, evaluate_saved, parse_tasks, require_lm_eval, results_path,
-                                     update_card, write_results)
+    from .evaluation.harness import (DEFAULT_TASKS, evaluate_saved, format_table, parse_tasks, require_lm_eval,
+                                     results_path, update_card, write_results)
 
     parser = _parser("evaluate")
     parser.add_argument("--adapter", required=True, help="a run folder, a checkpoint-N folder or a merged export")
@@ -293,7 +292,9 @@ def cmd_evaluate(args: list[str]) -> None:
     results = evaluate_saved(opts.adapter, parse_tasks(opts.tasks), opts.include_path, opts.limit,
                              int(batch_size) if batch_size and batch_size.isdigit() else batch_size,
                              opts.apply_chat_template)
-    for path in write_results(results, out):
+    paths = write_results(results, out)
+    print(format_table(results))  # base vs fine-tuned, as the card shows it
+    for path in paths:
         print(path)
     if out == Path(opts.adapter) / "lm_eval.json" and update_card(opts.adapter):
         print(Path(opts.adapter) / "README.md")

@@ -73,7 +73,7 @@ def _device_name(device: str) -> str:
         return torch.cuda.get_device_name(0)
     name = "CPU"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break

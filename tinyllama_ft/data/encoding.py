@@ -58,8 +58,10 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True, return_dict=True)["input_ids"]
+    # verbose=False: no "longer than the specified maximum" warning, as over-long rows are dropped and counted
+    # (`encode_rows`) and a prompt too long for the context is refused (`chat`, `serve`)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=True, tokenizer_kwargs={"verbose": False})["input_ids"]
     bos = tokenizer.bos_token_id
     return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
 

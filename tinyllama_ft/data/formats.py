@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..settings.columns import COLUMN_NAMES, parse_columns  # noqa: F401 (parse_columns: part of this module's API)
+from ..settings.hub import check_on_hub
 
 FORMATS = {"dolly": ("instruction", "context", "response"), "alpaca": ("instruction", "input", "output"),
            "messages": ("messages",), "prompt_completion": ("prompt", "completion")}
@@ -182,9 +183,18 @@ def _read_saved(path: Path, split: str = "train") -> list[dict]:
     return rows
 
 
+def check_local_file(dataset_name: str) -> None:
+    """Refuse a dataset file that does not exist (by its suffix, a file, not a hub id): the first thing to say."""
+    path = Path(dataset_name)
+    if path.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv") and not path.exists():
+        raise UserError(f"dataset file {path} does not exist: check --dataset_name")
+
+
 def _read_hub(name: str, config_name: str | None = None, split: str = "train") -> list[dict]:
     import datasets
 
+    if not Path(name).is_dir():
+        check_on_hub(name, "dataset", "--dataset_name")  # one line at once when the hub cannot give it
     try:
         return datasets.load_dataset(name, config_name or None, split=split or "train").to_list()
     except Exception as error:  # network, unknown id, config or split, no access: one line, with the cause

@@ -27,7 +27,7 @@ from trl.data_utils import extract_prompt
 from ..errors import UserError
 from ..settings.columns import parse_columns
 from .encoding import IGNORE_INDEX, encode_example
-from .formats import _read_file, clean_messages, read_dataset, format_user_turn, rename_columns, with_system_prompt
+from .formats import _read_file, clean_messages, format_user_turn, read_dataset, rename_columns, with_system_prompt
 from .prepare import exclusion_counts, split_rows
 
 log = logging.getLogger(__name__)

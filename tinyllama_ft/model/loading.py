@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from ..data.chat_template import add_bos_to_template
 from ..errors import UserError
 from ..settings.config import SAMPLE_DATA, TINY_RANDOM_LLAMA
+from ..settings.hub import check_on_hub
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ def count_parameters(model) -> tuple[int, int]:
 def _check_local_folder(name_or_path: str, need_weights: bool) -> None:
     path = Path(name_or_path)
     if not (path.is_absolute() or name_or_path.startswith(".") or path.exists()):
-        return  # a hub id
+        check_on_hub(name_or_path)  # a hub id: one line at once when the hub cannot give it
+        return
     if not path.is_dir():
         raise UserError(f"model folder {name_or_path} does not exist: check --model_name_or_path")
     if need_weights and not any(path.glob("*.safetensors")):

@@ -73,12 +73,12 @@ def _available_ram() -> int:
 def _cgroup_room() -> int | None:
     """cgroup v2 `memory.max - memory.current` of this process's group, None where unlimited or unknown."""
     try:
-        group = Path("/proc/self/cgroup").read_text().strip().splitlines()[0].split(":", 2)[2]
+        group = Path("/proc/self/cgroup").read_text(encoding="utf-8").strip().splitlines()[0].split(":", 2)[2]
         folder = Path("/sys/fs/cgroup") / group.lstrip("/")
-        limit = (folder / "memory.max").read_text().strip()
+        limit = (folder / "memory.max").read_text(encoding="utf-8").strip()
         if limit == "max":
             return None
-        return int(limit) - int((folder / "memory.current").read_text().strip())
+        return int(limit) - int((folder / "memory.current").read_text(encoding="utf-8").strip())
     except (OSError, IndexError, ValueError):
         return None
 

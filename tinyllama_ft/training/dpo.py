@@ -25,6 +25,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..data.pairs import parse_pair_columns
 from ..errors import UserError
+from ..settings.console import log_settings
 from ..settings.precision import set_precision
 from ..settings.sources import file_layer, merge_layers, parse_flags
 from ..settings.validation import check_optimizer_steps, inherited_post_init, refuse, sources, validate
@@ -326,7 +327,7 @@ def train_dpo(config: DpoConfig) -> dict:
         if resume_path(config):  # before the model loads: the checkpoint must continue this very run
             check_resume(resume_path(config), defining)
         sft_data = load_sft_validation(config, sft_run_config, tokenizer) if config.alignment_eval else None
-        log.info("configuration:\n%s", config.to_json())
+        log_settings(log, config, parse_dpo_config(["--adapter", config.adapter]), skip=("sft_run_config",))
         log.info("pairs: %s", pairs.stats())
     with timings("load_model"):
         model = load_policy(config)
@@ -348,4 +349,5 @@ def train_dpo(config: DpoConfig) -> dict:
         finish_run(config, folder)
     meet_when_saved(trainer)
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+    log.info("the run is in %s (its model card: README.md there)", config.output_dir)
     return metrics

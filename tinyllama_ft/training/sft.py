@@ -17,10 +17,12 @@ import torch
 from transformers import TrainerCallback, set_seed
 from trl import SFTTrainer
 
+from ..data.formats import check_local_file
 from ..data.prepare import Data, prepare_data
 from ..evaluation.dolly import evaluate_base, evaluate_loss, evaluate_model, summarize
 from ..model.loading import check_model_shape, count_parameters, load_model, load_tokenizer, wrap_lora
-from ..settings.config import Config
+from ..settings.config import Config, build_config
+from ..settings.console import log_settings
 from ..settings.memory import decide_checkpointing
 from ..settings.precision import compute_dtype
 from ..storage.fingerprint import apply_new_cadence, check_resume, fingerprint
@@ -192,6 +194,7 @@ class Run:
     def check(self) -> None:
         """Before anything loads: the output folder, the settings against the model's shape; then the seed."""
         check_output_dir(self.config)
+        check_local_file(self.config.dataset_name)  # a missing file is said before the model is looked for
         check_model_shape(self.config)
         set_seed(self.config.seed)
         # Where it writes: output_dir, or beside the run it replaces (untouched until this one is complete)
@@ -204,7 +207,7 @@ class Run:
             self.data = prepare_data(self.config, self.tokenizer)
             if resume_path(self.config):  # before the model loads: the checkpoint must continue this very run
                 check_resume(resume_path(self.config), fingerprint(self.config, self.data.examples("train")))
-            log.info("configuration:\n%s", self.config.to_json())  # once known good: bad input shows only its error
+            log_settings(log, self.config, build_config([]))  # once known good: bad input shows only its error
             log.info("data: %s", self.data.stats(self.config.max_length))
         return self.data
 
@@ -247,6 +250,7 @@ class Run:
         meet_when_saved(self.trainer)
         log.info("metrics: %s", {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))})
         log.info("timings (s): %s", self.timings.summary())
+        log.info("the run is in %s (its model card: README.md there)", self.config.output_dir)
         return self.metrics
 
 
