@@ -396,7 +396,9 @@ def test_bad_inputs_are_one_line_each(tmp_path, dolly_path, capsys):
         "--preset huge: is not a preset": ["dpo", "--preset", "huge", "--adapter", sft],
         "is a DPO run, not an SFT run": ["dpo", "--adapter", dpo_run()["out"], *pairs],
         "is a checkpoint of a run": ["dpo", "--adapter", dpo_run()["out"] / f"checkpoint-{STEPS}", *pairs],
-        "raise max_length": ["dpo", "--adapter", sft, *pairs, "--max_length", 16, "--train_size", 4, "--eval_size", 2],
+        "raise max_length": ["dpo", "--adapter", sft, *pairs, "--max_length", 16, "--train_size", 4, "--eval_size", 2,
+                             "--gradient_accumulation_steps", 1],
+        "is more than the 4 micro-batches an epoch has": ["dpo", "--adapter", sft, *pairs, "--train_size", 4],
     }
     for expected, args in cases.items():
         assert expected in one_line_error(capsys, *args), expected
