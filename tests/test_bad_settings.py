@@ -3,7 +3,9 @@
 that starts with the value as the user wrote it (so it names the setting and its source) and says what
 is wrong and what to pass. In-process and fast: the configuration is all these touch."""
 
+import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -190,3 +192,134 @@ def test_the_shell_sees_one_line_through_the_real_command_line(field, text):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: --{field} {text}: "), result.stderr
+
+
+# --- every command's settings, by the same rules: dpo, generate, chat (and train's own step count) -----------
+
+DPO = ["--preset", "smoke"]
+COMMAND_CASES = [  # (arguments after `python -m tinyllama_ft`, words of the one line)
+    (["dpo", *DPO, "--loss_type", "bogus"], "--loss_type bogus: bogus is not one of sigmoid, hinge, ipo"),
+    (["dpo", *DPO, "--loss_type", "sigmoid", "nope"], "nope is not one of sigmoid"),
+    (["dpo", *DPO, "--learning_rate=nan"], "--learning_rate nan: must be a finite number"),
+    (["dpo", *DPO, "--beta=nan"], "--beta nan: must be a finite number"),
+    (["dpo", *DPO, "--beta=inf"], "--beta inf: must be a finite number"),
+    (["dpo", *DPO, "--beta", "0"], "--beta 0: beta must be > 0"),
+    (["dpo", *DPO, "--label_smoothing", "0.7"], "--label_smoothing 0.7: label_smoothing must be in [0, 0.5): pass "
+     "--label_smoothing 0.0"),
+    (["dpo", *DPO, "--label_smoothing=-0.1"], "label_smoothing must be in [0, 0.5)"),
+    (["dpo", *DPO, "--loss_type", "exo_pair"], "the exo_pair loss needs label_smoothing > 0"),
+    (["dpo", *DPO, "--loss_type", "apo_zero", "--f_divergence_type", "js_divergence"], "applies only to the losses"),
+    (["dpo", *DPO, "--f_divergence_type", "kl"], "--f_divergence_type kl: must be one of reverse_kl"),
+    (["dpo", *DPO, "--max_length", "8"], "max_length must be >= 16"),
+    (["dpo", *DPO, "--train_size", "2.5"], "--train_size 2.5: must be a whole number"),
+    (["dpo", *DPO, "--gradient_accumulation_steps", "13"], "is more than the 12 micro-batches an epoch has"),
+    (["dpo", *DPO, "--Learning_Rate", "1e-3"], "--Learning_Rate 1e-3 (did you mean learning_rate?); see "
+     "`python -m tinyllama_ft dpo --help`"),
+    (["dpo", *DPO, "--preset", "huge"], "--preset huge: is not a preset (presets: smoke)"),
+    (["train", *BASE, "--gradient_accumulation_steps", "13"], "--gradient_accumulation_steps 13: is more than the 12 "
+     "micro-batches an epoch has (train_size 24 rows / per_device_train_batch_size 2)"),
+    (["generate", "--adapter", "runs/none", "--instruction", "Hi.", "--max_new_tokens", "nan"],
+     "--max_new_tokens nan: must be a finite number"),
+    (["generate", "--adapter", "runs/none", "--instruction", "Hi.", "--max_new_tokens", "8.5"],
+     "must be a whole number"),
+    (["chat", "--adapter", "runs/none", "--temperature", "nan"], "--temperature nan: must be a finite number"),
+    (["chat", "--adapter", "runs/none", "--temperature=-1"], "--temperature -1: temperature must be in [0, 2]"),
+    (["chat", "--adapter", "runs/none", "--top_p", "0"], "--top_p 0: top_p must be in (0, 1]"),
+    (["chat", "--adapter", "runs/none", "--top_p", "inf"], "--top_p inf: must be a finite number"),
+    (["chat", "--adapter", "runs/none", "--max_new_tokens", "0"], "--max_new_tokens 0: max_new_tokens must be > 0"),
+    (["chat", "--adapter", "runs/none", "--Temperature", "0.5"], "--Temperature 0.5 (did you mean --temperature?)"),
+    (["generate", "--adapter", "runs/none", "--instruction", "Hi.", "--max_tokens", "5"],
+     "--max_tokens 5 (did you mean --max_new_tokens?)"),
+]
+
+
+@pytest.mark.parametrize("args, words", COMMAND_CASES, ids=[" ".join(a[:1] + a[-2:])[:40] for a, _ in COMMAND_CASES])
+def test_every_command_checks_its_settings_by_the_same_rules(args, words, tmp_path, capsys, monkeypatch):
+    """rc 2, one line, before anything is loaded or written (no output folder, no model: `runs/none` is absent)."""
+    monkeypatch.chdir(tmp_path)
+    out = ["--output_dir", str(tmp_path / "out")] if args[0] in ("dpo", "train") else []
+    assert main([*args, *out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def alias_bomb(levels=9) -> str:
+    """A few hundred bytes of YAML that stand for 9**9 (387 million) values."""
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return "\n".join(lines) + f"\nseed: *a{levels - 1}\n"
+
+
+YAML_CASES = [  # (file text, words of the one line; {path} is the file)
+    ("seed: 1\nlearning_rate: 0.001\nseed: 2\n",
+     "--config {path}: key 'seed' is given twice (lines 1 and 3): keep one"),
+    (alias_bomb(), "--config {path}: its aliases expand to more than 10,000 values"),
+    ("seed: " + "9" * 5000 + "\n", "--config {path} holds a value Python cannot read"),
+    ("seed: " + "[" * 3000 + "]" * 3000 + "\n", "--config {path} nests its values too deep to read"),
+    ("Learning_Rate: 0.001\n", "unknown configuration field 'Learning_Rate' in {path} (did you mean learning_rate?)"),
+    ("seed: [" + ", ".join(map(str, range(5000))) + "]\n", "seed: a list of 5000 items in {path}: must be a whole "
+     "number, not a list"),
+    ("seed: " + "x" * 100_000 + "\n", "seed: " + "x" * 60 + "... in {path}: must be a whole number"),
+]
+
+
+@pytest.mark.parametrize("command", [["config", *BASE], ["dpo", *DPO]], ids=["config", "dpo"])
+@pytest.mark.parametrize("text, words", YAML_CASES, ids=["duplicate", "alias bomb", "huge int", "deep", "case",
+                                                        "long list", "long text"])
+def test_a_yaml_file_is_read_safely_under_every_command(command, text, words, tmp_path, capsys):
+    """Duplicate keys, alias bombs, values too big to read: one bounded line, in our words, under train's and
+    dpo's door alike, with little memory (the alias bomb's 387 million values are never built or printed)."""
+    import tracemalloc
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    tracemalloc.start()
+    try:
+        assert main([*command, "--output_dir", str(tmp_path / "out"), f"--config={path}"]) == 2
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words.format(path=path) in err[0] and len(err[0]) < 400 + len(str(path)), err[0][:500]
+    assert peak < 100 * 2**20 and not (tmp_path / "out").exists(), peak
+
+
+def test_config_equals_file_is_read_like_config_space_file(tmp_path):
+    from tinyllama_ft.training.dpo import parse_dpo_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 0.003\n", encoding="utf-8")
+    assert parse_config([*BASE, f"--config={path}"]).learning_rate == 0.003
+    path.write_text("beta: 0.2\n", encoding="utf-8")
+    assert parse_dpo_config([*DPO, f"--config={path}"]).beta == parse_dpo_config([*DPO, "--config", str(path)]).beta \
+        == 0.2
+
+
+def test_dpo_choices_are_trl_s_own():
+    """The loss types and f-divergences dpo accepts are those the installed TRL's DPOConfig documents and its
+    DPOTrainer computes; label_smoothing's range is the one its help states (an assumption about TRL, named)."""
+    import inspect
+
+    from trl import DPOConfig
+    from trl.trainer import dpo_trainer
+
+    from tinyllama_ft.training.dpo import DPO_LOSS_TYPES, F_DIVERGENCE_LOSSES, F_DIVERGENCES
+
+    fields = {f.name: f for f in dataclasses.fields(DPOConfig)}
+    documented = re.findall(r"`'(\w+)'`", fields["loss_type"].metadata["help"])
+    computed = re.findall(r'loss_type == "(\w+)"', inspect.getsource(dpo_trainer.DPOTrainer))
+    assert list(DPO_LOSS_TYPES) == documented and set(DPO_LOSS_TYPES) == set(computed)
+    assert list(F_DIVERGENCES) == re.findall(r"`(\w+)`", fields["f_divergence_type"].metadata["help"])[:4]
+    assert set(F_DIVERGENCE_LOSSES) < set(DPO_LOSS_TYPES)
+    assert "must lie in [0.0, 0.5)" in fields["label_smoothing"].metadata["help"]
+
+
+@pytest.mark.parametrize("args", [["dpo", *DPO, "--output_dir", "runs/never", "--loss_type", "bogus"],
+                                  ["dpo", *DPO, "--output_dir", "runs/never", "--beta", "nan"]])
+def test_dpo_refusals_reach_the_shell_as_one_line(args, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tinyllama_ft", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, \
+        result.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()

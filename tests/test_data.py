@@ -28,8 +28,8 @@ def test_row_becomes_a_conversational_prompt_completion_example():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"instruction": "a", "response": "b"}, "no column 'context'"),
-    ({"instruction": "a", "contxt": "", "response": "b"}, "no column 'context'"),
+    ({"instruction": "a", "context": ""}, "no column 'response'"),
+    ({"instruction": "a", "contxt": "", "response": "b"}, "no column 'context' but has 'contxt'"),
     ({"instruction": None, "context": "", "response": "b"}, "'instruction' is NoneType"),
     ({"instruction": "a", "context": 3, "response": "b"}, "'context' is int"),
     ({"instruction": "a", "context": "", "response": "  "}, "'response' is empty"),
@@ -39,6 +39,13 @@ def test_row_becomes_a_conversational_prompt_completion_example():
 def test_validation_names_the_first_bad_row_and_column(row, message):
     with pytest.raises(UserError, match=rf"row 1.*{message}"):
         validate_rows([ROW, row])
+
+
+def test_a_dolly_row_without_context_has_an_empty_context():
+    """`context` is optional, as Alpaca's `input` is: the row is the one with `"context": ""`."""
+    assert validate_rows([{"instruction": "a", "response": "b"}]) == "dolly"
+    assert to_conversation({"instruction": "a", "response": "b"}) == \
+        to_conversation({"instruction": "a", "context": "", "response": "b"})
 
 
 @pytest.mark.parametrize("row, fmt", [

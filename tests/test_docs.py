@@ -317,6 +317,66 @@ def test_every_docs_command_is_run_or_validated_for_a_reason():
     print("\n".join(f"{'validated' if only_validated(c) else 'run'}: {c}" for c in COMMANDS))
 
 
+COLUMNS_EXAMPLE = re.compile(r"--columns[ =]([^\s`]+)|\bcolumns: (\{[^`}]*\})")
+
+
+def column_examples(pages=PAGES) -> list[tuple[str, int, str, str]]:
+    """(page, line, the `--columns` value or YAML `columns:` mapping, the rows it describes): each example of
+    renaming columns, with the ```json block that follows it within 12 lines (the data it is shown for).
+    Usage synopses (`--columns a=b,...`) and tables (which quote messages) are not examples."""
+    found = []
+    for page in pages:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        blocks, start = [], None  # (first line, text) of each ```json block
+        for number, line in enumerate(lines):
+            if line.strip().startswith("```"):
+                if start is None and line.strip() == "```json":
+                    start = number
+                elif start is not None:
+                    blocks.append((start, "\n".join(lines[start + 1:number])))
+                    start = None
+        for number, line in enumerate(lines):
+            for match in COLUMNS_EXAMPLE.finditer("" if line.startswith("|") else line):
+                value = match.group(1) or match.group(2)
+                if "..." in value or value.startswith("a=b"):
+                    continue
+                rows = next((text for first, text in blocks if 0 < first - number <= 12), None)
+                found.append((page.relative_to(ROOT).as_posix(), number + 1, value, rows))
+    return found
+
+
+@pytest.mark.parametrize("page, line, value, rows", column_examples(), ids=lambda v: str(v)[:40])
+def test_docs_columns_example_reads_the_rows_it_is_shown_for(page, line, value, rows, tmp_path):
+    """A `--columns` example renames the very rows the page shows beside it into rows this project trains on
+    (SFT rows into conversations, DPO's into pairs), with nothing missing."""
+    import json
+
+    import yaml
+
+    from tinyllama_ft.data.formats import COLUMN_NAMES, load_rows, parse_columns, to_conversations
+    from tinyllama_ft.data.pairs import PAIR_COLUMNS, load_pairs, to_pair
+
+    assert rows is not None, f"{page}:{line}: show the rows `{value}` is for in a ```json block right after it"
+    path = tmp_path / "rows.jsonl"
+    path.write_text(rows.strip() + "\n", encoding="utf-8")
+    given = yaml.safe_load(value) if value.startswith("{") else value
+    ours = parse_columns(given, (*COLUMN_NAMES, *PAIR_COLUMNS))
+    if "chosen" in {*json.loads(rows.splitlines()[0]), *ours}:
+        pairs = [to_pair(row) for row in load_pairs(str(path), columns=parse_columns(given, PAIR_COLUMNS))]
+        assert all(p["prompt"] and p["chosen"] and p["rejected"] for p in pairs), pairs
+    else:
+        conversations = to_conversations(load_rows(str(path), columns=parse_columns(given)))
+        assert all(c["messages"][-1]["role"] == "assistant" for c in conversations), conversations
+
+
+def test_every_columns_example_of_the_pages_is_found():
+    """The examples the tests above read: a page that shows one more is picked up, one fewer is noticed."""
+    assert {(page, value) for page, _, value, _ in column_examples()} >= {
+        ("docs/DATA.md", "instruction=question,response=answer"),
+        ("docs/DATA.md", "{instruction: question, response: answer}"),
+        ("docs/DPO.md", "prompt=question"), ("docs/USAGE.md", "prompt=question,chosen=better,rejected=worse")}
+
+
 def python_imports(pages=PAGES) -> list[tuple[str, str]]:
     """(page:line, the line) for every `from tinyllama_ft... import` / `import tinyllama_ft...` line of the pages'
     Python blocks: what a reader copies into a notebook first."""

@@ -67,13 +67,17 @@ def test_unusable_pairs_are_refused_by_reason_and_counted(tinyllama_tokenizer):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"},
             {"prompt": "p", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "  "},
             {"prompt": "p", "chosen": "same", "rejected": " same "}, {"prompt": "p", "chosen": "a </s> b", "rejected": "b"},
-            {"prompt": "p", "chosen": "word " * 100, "rejected": "b"}]
+            {"prompt": "p", "chosen": "word " * 100, "rejected": "b"},
+            {"prompt": "p", "chosen": 42, "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": [1, 2]}]
     encoded, excluded, _ = encode_pairs(tinyllama_tokenizer, rows, max_length=64)
     assert sorted(encoded) == [0]
     from tinyllama_ft.data.prepare import exclusion_counts
 
     assert exclusion_counts(excluded) == {"missing chosen": 1, "empty rejected": 1, "chosen == rejected": 1,
-                                          "special-token text": 1, "over max_length": 1}
+                                          "special-token text": 1, "over max_length": 1, "bad chosen": 1,
+                                          "bad rejected": 1}
+    assert excluded[6].startswith("bad chosen: an int, not text") and excluded[7].startswith("bad rejected: a list "
+                                                                                             "of int, not text")
 
 
 def test_a_pairs_file_with_sft_columns_is_one_clear_error(dolly_path):
@@ -390,10 +394,12 @@ def test_bad_inputs_are_one_line_each(tmp_path, dolly_path, capsys):
                            "--output_dir", tmp_path / "o"],
         "is the SFT run itself": ["dpo", "--adapter", sft, "--output_dir", sft],
         "beta must be > 0": ["dpo", "--adapter", sft, "--beta", "0", *pairs],
-        "unknown preset": ["dpo", "--preset", "huge", "--adapter", sft],
+        "--preset huge: is not a preset": ["dpo", "--preset", "huge", "--adapter", sft],
         "is a DPO run, not an SFT run": ["dpo", "--adapter", dpo_run()["out"], *pairs],
         "is a checkpoint of a run": ["dpo", "--adapter", dpo_run()["out"] / f"checkpoint-{STEPS}", *pairs],
-        "raise max_length": ["dpo", "--adapter", sft, *pairs, "--max_length", 16, "--train_size", 4, "--eval_size", 2],
+        "raise max_length": ["dpo", "--adapter", sft, *pairs, "--max_length", 16, "--train_size", 4, "--eval_size", 2,
+                             "--gradient_accumulation_steps", 1],
+        "is more than the 4 micro-batches an epoch has": ["dpo", "--adapter", sft, *pairs, "--train_size", 4],
     }
     for expected, args in cases.items():
         assert expected in one_line_error(capsys, *args), expected

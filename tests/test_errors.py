@@ -18,7 +18,7 @@ from tinyllama_ft.model.loading import build_tiny_model, build_tiny_tokenizer
 GOOD = {"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "open_qa"}
 
 DATASETS = {
-    "missing_column.jsonl": [{"instruction": "a", "response": "b"}] * 50,
+    "missing_column.jsonl": [{"instruction": "a", "context": ""}] * 50,
     "misspelt_column.jsonl": [{"instruction": "a", "contex": "", "response": "b"}] * 50,
     "null_field.jsonl": [GOOD] * 10 + [dict(GOOD, context=None)] + [GOOD] * 39,
     "number_field.jsonl": [GOOD] * 10 + [dict(GOOD, response=42)] + [GOOD] * 39,
@@ -28,8 +28,8 @@ DATASETS = {
 }
 
 CASES = [  # (flags after `train --preset smoke`, expected words in the one-line error)
-    (["--dataset_name", "{tmp}/missing_column.jsonl"], "row 0 has no column 'context'"),
-    (["--dataset_name", "{tmp}/misspelt_column.jsonl"], "row 0 has no column 'context'"),
+    (["--dataset_name", "{tmp}/missing_column.jsonl"], "row 0 has no column 'response'"),
+    (["--dataset_name", "{tmp}/misspelt_column.jsonl"], "row 0 has no column 'context' but has 'contex'"),
     (["--dataset_name", "{tmp}/null_field.jsonl"], "row 10: 'context' is NoneType"),
     (["--dataset_name", "{tmp}/number_field.jsonl"], "row 10: 'response' is int"),
     (["--dataset_name", "{tmp}/empty_instruction.jsonl"], "row 3: 'instruction' is empty"),
@@ -223,8 +223,9 @@ PREVIEW_ONLY = [  # flags of the command line alone (no Python API takes them)
     (["preview", "--model_name_or_path", "tiny-random-llama", "--dataset_name", "{tmp}/special.jsonl", "--out",
       "{tmp}/a_file.txt/rows.jsonl"], "a_file.txt is a file, not a folder"),
     (["serve", "--adapter", "{tmp}/truncated_weights", "--port", "0"], "--port must be between 1 and 65535"),
-    (["chat", "--adapter", "{tmp}/truncated_weights", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
-    (["chat", "--adapter", "{tmp}/truncated_weights", "--top_p", "0"], "0 < --top_p <= 1"),
+    (["chat", "--adapter", "{tmp}/truncated_weights", "--max_new_tokens", "0"],
+     "--max_new_tokens 0: max_new_tokens must be > 0"),
+    (["chat", "--adapter", "{tmp}/truncated_weights", "--top_p", "0"], "--top_p 0: top_p must be in (0, 1]"),
 ]
 
 
@@ -313,3 +314,98 @@ def test_preview_out_creates_its_parents_and_leaves_no_temporary_file(tmp_path, 
                  str(ROOT / "tinyllama_ft" / "samples" / "sample.jsonl"), "--n", "2", "--out", str(out)]) == 0
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2 and oct(out.stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in out.parent.iterdir()) == ["preview.jsonl"]
+
+
+# --- inference bounds, standard input, messages that name the right thing ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A merged export of the tiny random Llama (1,024 positions): what generate and chat load."""
+    folder = tmp_path_factory.mktemp("tiny") / "merged"
+    build_tiny_model().save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_generate_caps_its_budget_at_what_the_context_leaves(tiny_export, capsys):
+    """`--max_new_tokens 1000000000` is capped (one note), as chat and the server cap theirs; no MemoryError."""
+    from tinyllama_ft.data.encoding import encode_prompt
+    from tinyllama_ft.data.formats import prompt_messages
+    from tinyllama_ft.model.generation import new_token_budget
+
+    instruction = "Name a fruit. " * 100
+    prompt = encode_prompt(build_tiny_tokenizer(), prompt_messages(instruction))
+    room = 1024 - len(prompt)
+    assert 0 < room < 1024 and new_token_budget(build_tiny_model(), [prompt], 10**9) == room
+    # the same cap in the Python API, which train's and dpo's generation stages call: a batch gets what its
+    # longest prompt leaves
+    answers = generate(build_tiny_model(), build_tiny_tokenizer(), [instruction, "Hi."], max_new_tokens=10**9,
+                       progress=False)
+    assert all(answer["tokens"] <= room for answer in answers), [a["tokens"] for a in answers]
+    assert main(["generate", "--adapter", str(tiny_export), "--instruction", instruction, "--max_new_tokens",
+                 "1000000000"]) == 0
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()  # (weight loading's bar aside)
+    assert [line for line in err if line.startswith("(max_new_tokens")] == [
+        f"(max_new_tokens capped at {room}: the prompt's {len(prompt)} tokens leave {room} of the model's 1024 "
+        "positions)"] and "Traceback" not in "".join(err), err
+
+
+def test_a_prompt_longer_than_the_context_is_refused_by_generate_as_by_chat_and_serve(tiny_export, capsys):
+    assert main(["generate", "--adapter", str(tiny_export), "--instruction", "Name a fruit. " * 400]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert re.fullmatch(r"error: the prompt is \d+ tokens, the model's context 1024: shorten it", err[-1]), err
+    assert "Traceback" not in "".join(err)
+    with pytest.raises(UserError, match="the model's context 1024: shorten it"):
+        generate(build_tiny_model(), build_tiny_tokenizer(), "Name a fruit. " * 400)
+
+
+def test_chat_with_a_closed_standard_input_ends_quietly(tiny_export, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python gives a process started with stdin closed
+    assert main(["chat", "--adapter", str(tiny_export), "--max_new_tokens", "4"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_chat_refuses_a_budget_that_leaves_no_room_for_a_message(tiny_export, capsys):
+    assert main(["chat", "--adapter", str(tiny_export), "--max_new_tokens", "5000"]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert err[-1] == ("error: --max_new_tokens 5000 leaves no room for a message in the model's 1024 positions: "
+                       "pass at most 512") and "Traceback" not in "".join(err), err
+
+
+def test_chat_refuses_a_line_that_is_not_utf8_and_goes_on(tiny_export, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\nName a fruit.\n"),
+                                                       encoding="utf-8"))
+    assert main(["chat", "--adapter", str(tiny_export), "--max_new_tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "error: this line holds the byte 0xe9, which is not utf-8 text: send text in that encoding" in captured.err
+    assert captured.out.strip() == generate(build_tiny_model(), build_tiny_tokenizer(), "Name a fruit.",
+                                            max_new_tokens=4, progress=False)["text"]
+
+
+def test_evaluate_names_a_missing_adapter_not_out(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    assert main(["evaluate", "--adapter", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --adapter {tmp_path / 'nowhere'} does not exist"), err
+    assert "--out" not in err[0] and not (tmp_path / "nowhere").exists()
+
+
+def test_a_folder_saved_with_save_to_disk_loads_like_any_local_dataset(tmp_path):
+    import datasets
+
+    from tinyllama_ft.data.pairs import load_pairs
+
+    rows = [GOOD, dict(GOOD, instruction="Name a vegetable.", response="A leek.")]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "two"))
+    assert load_rows(str(tmp_path / "one")) == rows and load_rows(str(tmp_path / "one"), dataset_split="train[1:]") \
+        == rows[1:]
+    assert load_rows(str(tmp_path / "two"), dataset_split="test") == rows[:1]
+    with pytest.raises(UserError, match="has no split 'validation' \\(splits: train, test\\)"):
+        load_rows(str(tmp_path / "two"), dataset_split="validation")
+    pairs = [{"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A chair."}]
+    datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "pairs"))
+    assert load_pairs(str(tmp_path / "pairs")) == pairs

@@ -1,7 +1,8 @@
 """Fuzzing the configuration door: hypothesis draws a field (every one of `Config`'s, TRL's and
 transformers' included) and a hostile value for it (NaN, +-inf, 0, negatives, huge, wrong types, empty
 and unicode strings, lists for scalars and the reverse), given as a flag, in a YAML file, as a
-`TINYLLAMA_FT_*` variable or as a Python keyword. Each must end in a `UserError` of one line, or in a
+`TINYLLAMA_FT_*` variable or as a Python keyword; and the same for `dpo`'s fields (a flag, a YAML line) and the
+generation settings of `generate` and `chat`. Each must end in a `UserError` of one line, or in a
 configuration whose numbers are finite and that holds what was asked (no value silently dropped).
 
 In-process through `parse_config` for speed (~40 ms an example); a handful through the real command
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 from conftest import FUZZ_SEED, ROOT
 from tinyllama_ft.settings.config import Config, notebook_config, parse_config
 from tinyllama_ft.errors import UserError
+from tinyllama_ft.settings.generation import GenerationSettings, generation_settings
+from tinyllama_ft.training.dpo import DpoConfig, parse_dpo_config
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 FIELDS = sorted(f.name for f in dataclasses.fields(Config) if f.init)
@@ -93,6 +96,39 @@ def test_a_notebook_variable_with_a_hostile_value(name, value):
     environ = {"TINYLLAMA_FT_PRESET": "smoke", "TINYLLAMA_FT_OUTPUT_DIR": "runs/fuzz-never-written",
                f"TINYLLAMA_FT_{name.upper()}": value}
     check_outcome(lambda: notebook_config({}, environ), f"TINYLLAMA_FT_{name.upper()}={value!r}")
+
+
+# dpo's door and the generation settings of generate and chat: the same rules, the same fuzzing.
+DPO_FIELDS = sorted(f.name for f in dataclasses.fields(DpoConfig) if f.init and f.name not in SKIP)
+DPO_BASE = ["--preset", "smoke", "--output_dir", "runs/fuzz-dpo-never-written"]
+GENERATION_FIELDS = [f.name for f in dataclasses.fields(GenerationSettings)]
+
+
+@seed(FUZZ_SEED)
+@settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(DPO_FIELDS), value=text_values)
+def test_a_dpo_flag_with_a_hostile_value(name, value):
+    check_outcome(lambda: parse_dpo_config([*DPO_BASE, f"--{name}", value]), f"dpo --{name} {value!r}")
+
+
+@seed(FUZZ_SEED)
+@settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(DPO_FIELDS), value=yaml_values)
+def test_a_dpo_yaml_file_with_a_hostile_value(name, value, tmp_path_factory):
+    path = tmp_path_factory.mktemp("yaml") / "dpo.yaml"
+    path.write_text(yaml.safe_dump({name: value}, allow_unicode=True))
+    check_outcome(lambda: parse_dpo_config([*DPO_BASE, "--config", str(path)]), f"dpo {name}: {value!r} in YAML")
+
+
+@seed(FUZZ_SEED)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(GENERATION_FIELDS), value=st.one_of(text_values, yaml_values))
+def test_a_generation_setting_with_a_hostile_value(name, value):
+    """generate's and chat's flags (text) and the Python API's values: one line, or finite values in range."""
+    settings = check_outcome(lambda: generation_settings({name: value}, "flag" if isinstance(value, str) else
+                                                         "keyword"), f"{name}={value!r}")
+    if settings is not None:
+        assert settings.max_new_tokens > 0 and 0 <= settings.temperature <= 2 and 0 < settings.top_p <= 1, settings
 
 
 SHELL = [("learning_rate", "nan"), ("learning_rate", "inf"), ("lora_r", "8.5"), ("warmup_steps", "-inf"),

@@ -194,35 +194,47 @@ def cmd_generate(args: list[str]) -> None:
     parser.add_argument("--adapter", required=True, help="output folder of a finished run")
     parser.add_argument("--instruction", required=True)
     parser.add_argument("--context", default="")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", help="default 256; never more than the context leaves after the prompt")
     parser.add_argument("--system_prompt", help="default: the run's own (run_config.json); \"\" for none")
     opts = _parse(parser, args)
     if not opts.instruction.strip():
         raise UserError("--instruction is empty: pass the text to respond to")
-    if opts.max_new_tokens <= 0:
-        raise UserError(f"--max_new_tokens must be > 0, got {opts.max_new_tokens}")
-    from .model.generation import generate
+    from .settings.generation import generation_settings
+
+    settings = generation_settings({"max_new_tokens": opts.max_new_tokens})
+    from .data.encoding import encode_prompt
+    from .data.formats import prompt_messages
+    from .model.generation import context_length, generate, new_token_budget
     from .storage.saved_model import load_saved, saved_system_prompt
 
     system_prompt = saved_system_prompt(opts.adapter) if opts.system_prompt is None else opts.system_prompt.strip()
     model, tokenizer = load_saved(opts.adapter)
-    print(generate(model, tokenizer, opts.instruction, opts.context, opts.max_new_tokens, progress=False,
+    prompt = encode_prompt(tokenizer, prompt_messages(opts.instruction, opts.context, system_prompt))
+    budget = new_token_budget(model, [prompt], settings.max_new_tokens)
+    if budget < settings.max_new_tokens:
+        print(f"(max_new_tokens capped at {budget}: the prompt's {len(prompt)} tokens leave {budget} of the model's "
+              f"{context_length(model)} positions)", file=sys.stderr)
+    print(generate(model, tokenizer, opts.instruction, opts.context, budget, progress=False,
                    system_prompt=system_prompt)["text"])
 
 
 def cmd_chat(args: list[str]) -> None:
     parser = _parser("chat")
     parser.add_argument("--adapter", required=True, help="a run folder or a merged export")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", help="default 256")
+    parser.add_argument("--temperature", help="0: greedy (the default); at most 2")
+    parser.add_argument("--top_p", help="in (0, 1], default 1")
     parser.add_argument("--system", "--system_prompt", dest="system",
                         help="system message; default: the run's system_prompt, if any; \"\" for none")
     opts = _parse(parser, args)
+    from .settings.generation import generation_settings
+
+    settings = generation_settings({"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
+                                    "top_p": opts.top_p})
     from .inference.chat import main as chat_main
 
     system = None if opts.system is None else opts.system.strip()
-    chat_main(opts.adapter, opts.max_new_tokens, opts.temperature, opts.top_p, system)
+    chat_main(opts.adapter, settings.max_new_tokens, settings.temperature, settings.top_p, system)
 
 
 def _on_off(value: str) -> bool:
@@ -300,6 +312,9 @@ def cmd_evaluate(args: list[str]) -> None:
     batch_size = opts.batch_size
     if batch_size is not None and batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         raise UserError(f"--batch_size must be a whole number > 0 or auto, got {batch_size!r}")
+    from .storage.saved_model import check_saved_folder
+
+    check_saved_folder(Path(opts.adapter))  # first: without --out, the results go into it
     out = results_path(opts.adapter, opts.out)
     results = evaluate_saved(opts.adapter, parse_tasks(opts.tasks), opts.include_path, opts.limit,
                              int(batch_size) if batch_size and batch_size.isdigit() else batch_size,

@@ -2,7 +2,7 @@
 
 Formats, detected from the columns (or forced with `dataset_format`):
 
-* Dolly: ``instruction``, ``context``, ``response`` (``category`` optional);
+* Dolly: ``instruction``, ``context`` (optional), ``response`` (``category`` optional);
 * Alpaca: ``instruction``, ``input`` (optional), ``output``: the same example as the equivalent Dolly row;
 * conversational (``messages``: ``{role, content}`` with roles system, user, assistant), TRL's format;
 * prompt-completion (``prompt``, ``completion``: strings or message lists), TRL's format.
@@ -23,6 +23,7 @@ message of every conversation that has none. Token ids are `encoding.py`'s job.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from ..settings.hub import check_on_hub
 FORMATS = {"dolly": ("instruction", "context", "response"), "alpaca": ("instruction", "input", "output"),
            "messages": ("messages",), "prompt_completion": ("prompt", "completion")}
 
-DETECTED_BY = {"dolly": ("instruction", "context", "response"), "alpaca": ("instruction", "output"),
+DETECTED_BY = {"dolly": ("instruction", "response"), "alpaca": ("instruction", "output"),
                "messages": ("messages",), "prompt_completion": ("prompt", "completion")}
 
 ROLES = ("system", "user", "assistant")
@@ -53,7 +54,7 @@ def load_rows(dataset_name: str, dataset_config: str | None = None, dataset_spli
         if not any(p.suffix in DATA_FILE_SUFFIXES for p in path.rglob("*") if p.is_file()):
             raise UserError(f"dataset {path} is a folder without .json, .jsonl, .parquet, .csv or .arrow files: "
                             "pass a .json, .jsonl or .parquet file, or a folder of them")
-        rows = _read_hub(dataset_name, dataset_config, dataset_split)
+        rows = read_dataset(dataset_name, dataset_config, dataset_split)
     elif path.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv") or path.exists():
         if dataset_config or (dataset_split or "train") != "train":
             raise UserError(f"dataset_config and dataset_split apply to hub datasets, and {dataset_name} is a local "
@@ -146,6 +147,42 @@ def _read_parquet(path: Path) -> list[dict]:
                         f"{str(error).splitlines()[0] if str(error) else ''}): write it again") from None
 
 
+def read_dataset(name: str, config_name: str | None = None, split: str = "train") -> list[dict]:
+    """Rows of a hub dataset or a local dataset folder: one that `Dataset.save_to_disk` or
+    `DatasetDict.save_to_disk` wrote (`datasets.load_from_disk`), or one of data files (`load_dataset`)."""
+    path = Path(name)
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return _read_saved(path, split)
+    return _read_hub(name, config_name, split)
+
+
+def _read_saved(path: Path, split: str = "train") -> list[dict]:
+    """A folder `save_to_disk` wrote: a `Dataset` (its one split), or a `DatasetDict` (split `split`); a slice
+    such as `train[:2000]` or `train[100:200]` takes those rows."""
+    import datasets
+
+    name, _, spec = (split or "train").partition("[")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # a damaged or partial folder: one line, with the cause
+        raise UserError(f"dataset folder {path} could not be read ({type(error).__name__}: "
+                        f"{(str(error).splitlines() or [''])[0][:200]}): save it again with save_to_disk") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if name not in loaded:
+            raise UserError(f"dataset folder {path} has no split {name!r} (splits: {', '.join(loaded)}): pass "
+                            f"--dataset_split {next(iter(loaded))}")
+        loaded = loaded[name]
+    rows = loaded.to_list()
+    if spec:
+        bounds = spec.rstrip("]").split(":")
+        if len(bounds) != 2 or not all(b.strip().lstrip("-").isdigit() or not b.strip() for b in bounds):
+            raise UserError(f"--dataset_split {split}: a folder saved with save_to_disk takes NAME or NAME[a:b] "
+                            "(whole numbers): pass e.g. train[:2000]")
+        start, stop = (int(b) if b.strip() else None for b in bounds)
+        rows = rows[start:stop]
+    return rows
+
+
 def check_local_file(dataset_name: str) -> None:
     """Refuse a dataset file that does not exist (by its suffix, a file, not a hub id): the first thing to say."""
     path = Path(dataset_name)
@@ -230,14 +267,20 @@ def validate_rows(rows: list, source: str = "dataset", dataset_format: str = "au
 
 
 def _validate_flat(row: dict, index: int, source: str, fmt: str) -> None:
-    required = ("instruction", "context", "response") if fmt == "dolly" else ("instruction", "output")
+    required = ("instruction", "response") if fmt == "dolly" else ("instruction", "output")
+    optional = ("context", "category") if fmt == "dolly" else ("input", "category")
     missing = [c for c in required if c not in row]
+    for column in optional[:1]:  # an optional column misspelt would be dropped without a word
+        near = difflib.get_close_matches(column, [c for c in row if isinstance(c, str) and c not in FORMATS[fmt]], 1,
+                                         0.8)
+        if column not in row and near:
+            raise UserError(f"{source} row {index} has no column {column!r} but has {near[0]!r}: rename it, or map "
+                            f"it (--columns {column}={near[0]})")
     if missing:
         raise UserError(f"{source} row {index} has no column {missing[0]!r} (columns: "
                         f"{', '.join(map(str, row)) or 'none'}); rename your columns to "
                         f"{', '.join(FORMATS[fmt])}, map them (--columns {missing[0]}=YOUR_COLUMN), or use "
                         "another format (Alpaca, messages, prompt/completion: see docs/DATA.md)")
-    optional = ("category",) if fmt == "dolly" else ("input", "category")
     for column in required + tuple(c for c in optional if c in row):
         if not isinstance(row[column], str):
             raise UserError(f"{source} row {index}: {column!r} is {type(row[column]).__name__}, "

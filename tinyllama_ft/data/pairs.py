@@ -27,7 +27,7 @@ from trl.data_utils import extract_prompt
 from ..errors import UserError
 from ..settings.columns import parse_columns
 from .encoding import IGNORE_INDEX, encode_example
-from .formats import _read_file, _read_hub, clean_messages, format_user_turn, rename_columns, with_system_prompt
+from .formats import _read_file, clean_messages, format_user_turn, read_dataset, rename_columns, with_system_prompt
 from .prepare import exclusion_counts, split_rows
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def load_pairs(dataset_name: str, dataset_config: str | None = None, dataset_spl
                             "file (one split): drop them, or pass a hub id or dataset folder")
         rows = _read_file(path)
     else:
-        rows = _read_hub(dataset_name, dataset_config, dataset_split)
+        rows = read_dataset(dataset_name, dataset_config, dataset_split)
     if not isinstance(rows, list) or not rows:
         raise UserError(f"{dataset_name} has no rows: pass a file with at least one preference pair")
     rows = rename_columns(rows, columns or {}, source=dataset_name)
@@ -87,6 +87,9 @@ def to_pair(row: dict, system_prompt: str | None = None) -> dict:
         value = row.get(side)
         if value is None:
             raise UserError(f"missing {side}")
+        messages = value if isinstance(value, list) else []
+        if not isinstance(value, (str, list)) or not all(isinstance(m, dict) for m in messages):
+            raise UserError(f"bad {side}: {_kind_of(value)}, not text or a list of {{role, content}} messages")
         if not _has_text(value):
             raise UserError(f"empty {side}")
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
@@ -111,6 +114,15 @@ def to_pair(row: dict, system_prompt: str | None = None) -> dict:
     return pair
 
 
+def _kind_of(value) -> str:
+    """What a value is, for a message: `an int`, `a list of int`, `an empty list`."""
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {' and '.join(kinds)}" if kinds else "an empty list"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def _has_text(value) -> bool:
     if isinstance(value, str):
         return bool(value.strip())
@@ -129,7 +141,7 @@ def _as_messages(value, role: str, name: str) -> list[dict]:
         return [{"role": role, "content": value.strip()}]
     if not isinstance(value, list) or not value or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
-        raise UserError(f"bad {name}: expected a string or a list of {{role, content}} messages")
+        raise UserError(f"bad {name}: {_kind_of(value)}, not text or a list of {{role, content}} messages")
     return clean_messages(value)
 
 

@@ -23,8 +23,9 @@ from transformers import TextStreamer
 from ..data.encoding import encode_prompt, find_special_text
 from ..data.formats import prompt_messages
 from ..errors import UserError
-from ..model.generation import decode_answer
-from ..storage.saved_model import context_length, load_saved, saved_system_prompt
+from ..model.generation import context_length, decode_answer
+from ..settings.generation import generation_settings
+from ..storage.saved_model import load_saved, saved_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def run_chat(chat: Chat, lines: Iterable[str], out: TextIO | None = None) -> Non
                 print("(conversation cleared)", file=sys.stderr)
                 continue
             try:
+                check_text(text)
                 chat.ask(text, out)
             except UserError as error:
                 print(f"error: {error}", file=sys.stderr)
@@ -151,8 +153,15 @@ def run_chat(chat: Chat, lines: Iterable[str], out: TextIO | None = None) -> Non
 
 def read_turns(stream: TextIO | None = None) -> Iterable[str]:
     """User turns from a terminal (with a prompt, on stderr) or piped in, one a line; default: standard input
-    (as it is when called, so that a replaced `sys.stdin` is read)."""
+    (as it is when called, so that a replaced `sys.stdin` is read). A closed standard input (None) has no turns.
+    Bytes that are not text in the stream's encoding are kept as escapes, and `run_chat` refuses that line."""
     stream = sys.stdin if stream is None else stream
+    if stream is None:
+        return
+    try:
+        stream.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):  # not a text file of the system's (a StringIO, a test's stand-in)
+        pass
     if not stream.isatty():
         yield from stream
         return
@@ -166,15 +175,25 @@ def read_turns(stream: TextIO | None = None) -> Iterable[str]:
         yield line
 
 
+def check_text(line: str) -> None:
+    """Refuse a line holding bytes its encoding could not read (they arrive as lone surrogates)."""
+    bad = next((c for c in line if "\udc80" <= c <= "\udcff"), None)
+    if bad is not None:
+        raise UserError(f"this line holds the byte 0x{ord(bad) - 0xdc00:02x}, which is not "
+                        f"{getattr(sys.stdin, 'encoding', None) or 'UTF-8'} text: send text in that encoding")
+
+
 def main(folder: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
          system: str | None = None) -> None:
     """`python -m tinyllama_ft chat`: load `folder` and talk to it over standard input and output."""
-    if max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1, got {temperature} and {top_p}")
+    settings = generation_settings({"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p},
+                                   source="keyword")
     model, tokenizer = load_saved(folder)
+    if settings.max_new_tokens >= context_length(model):
+        raise UserError(f"--max_new_tokens {settings.max_new_tokens} leaves no room for a message in the model's "
+                        f"{context_length(model)} positions: pass at most {context_length(model) // 2}")
     system = system if system is not None else saved_system_prompt(folder)
     if system and find_special_text(system, tokenizer):
         raise UserError(f"--system contains the special string {find_special_text(system, tokenizer)!r}: remove it")
-    run_chat(Chat(model, tokenizer, system, max_new_tokens, temperature, top_p), read_turns())
+    run_chat(Chat(model, tokenizer, system, settings.max_new_tokens, settings.temperature, settings.top_p),
+             read_turns())

@@ -30,7 +30,8 @@ def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] 
     `instructions`: instructions (with `contexts`), or conversations so far (lists of `{role, content}`),
     one or many; `system_prompt` goes first where a conversation has no system turn (`prompt_messages`).
     Returns one dict per input: `text` (the response), `ended` (the model emitted EOS itself) and
-    `tokens` (how many it generated, the EOS included).
+    `tokens` (how many it generated, the EOS included). `max_new_tokens` is capped at what the context leaves
+    after the longest prompt (`new_token_budget`).
     `merge_lora`: run with the LoRA weights merged into the base (one matmul per projection instead
     of three) and put the exact original weights back afterwards; None (default) merges where that is
     exact to fp32 rounding: active LoRA adapters on fp32, unsharded `nn.Linear` weights
@@ -51,6 +52,7 @@ def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] 
     if max_new_tokens <= 0:
         raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     prompts = [encode_prompt(tokenizer, prompt_messages(i, c, system_prompt)) for i, c in zip(instructions, contexts)]
+    max_new_tokens = new_token_budget(model, prompts, max_new_tokens)
     model.eval()
     device = next(model.parameters()).device
     results: list[dict | None] = [None] * len(prompts)
@@ -70,6 +72,22 @@ def generate(model, tokenizer, instructions: list[str] | str | list[list[dict]] 
         results = [next(r for r in gathered if r is not None)
                    for gathered in zip(*gather_object([results]))]
     return results[0] if single else results
+
+
+def context_length(model) -> int:
+    """The model's positions: prompt and answer together must fit in them."""
+    return int(model.config.max_position_embeddings)
+
+
+def new_token_budget(model, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """`max_new_tokens`, capped at the positions the longest prompt leaves (a model generates nothing sound past
+    its context, and a budget of a billion tokens would be allocated before the first one). A prompt that fills
+    the context is refused, as chat and the server refuse it."""
+    longest = max(map(len, prompts), default=0)
+    room = context_length(model) - longest
+    if room < 1:
+        raise UserError(f"the prompt is {longest} tokens, the model's context {context_length(model)}: shorten it")
+    return min(max_new_tokens, room)
 
 
 def _lora_layers(model) -> list:

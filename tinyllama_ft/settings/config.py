@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from .columns import parse_columns
 from .device import remember_cpu_request
 from .memory import checkpointing_value
 from .precision import require_cuda_and, set_precision
-from .sources import close_match, config_path, parse_flags, read_yaml, where_unknown
+from .sources import file_layer, merge_layers, parse_flags
 from .tracking import check_trackers
-from .validation import refuse, sources, validate
+from .validation import check_optimizer_steps, inherited_post_init, refuse, sources, validate
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 RESUME_NEWEST = ("true", "yes", "1")  # --resume_from_checkpoint values that mean "the newest checkpoint"
@@ -109,9 +108,9 @@ class Config(SFTConfig):
     dataset_format: str = field(
         default="auto",
         metadata={"help": "auto | dolly | alpaca | messages | prompt_completion. auto: detected from the columns: "
-                  "dolly (instruction, context, response), alpaca (instruction, input, output), messages (a list "
-                  "of {role, content}, every assistant turn trained) or prompt_completion (prompt, completion: "
-                  "strings or message lists, the completion trained). Category optional in all.",
+                  "dolly (instruction, optional context, response), alpaca (instruction, optional input, output), "
+                  "messages (a list of {role, content}, every assistant turn trained) or prompt_completion (prompt, "
+                  "completion: strings or message lists, the completion trained). Category optional in all.",
                   "choices": ["auto", "dolly", "alpaca", "messages", "prompt_completion"]},
     )
     columns: dict[str, str] | str | None = field(
@@ -245,17 +244,7 @@ class Config(SFTConfig):
         self.gradient_checkpointing = checkpointing_value(self.gradient_checkpointing)
         if self.activation_checkpointing is None:  # "auto" stays until build_trainer has measured (memory.py)
             self.activation_checkpointing = self.gradient_checkpointing
-        try:
-            with warnings.catch_warnings():  # transformers' renames of its own fields are not the user's concern
-                warnings.simplefilter("ignore", FutureWarning)
-                super().__post_init__()
-        except UserError:
-            raise
-        except (ValueError, TypeError, OverflowError, ImportError, NotImplementedError, RuntimeError, KeyError,
-                AttributeError) as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise UserError(f"transformers/TRL refuse this configuration ({first}): change the setting it "
-                            "names (see `python -m tinyllama_ft config --help`)") from None
+        inherited_post_init(super().__post_init__)
 
     def _precision_asked(self) -> str:
         """`--fp16 true` / `--bf16 true` (transformers' names) mean `precision` fp16 / bf16, never dropped."""
@@ -287,6 +276,7 @@ class Config(SFTConfig):
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise refuse("num_train_epochs", self.num_train_epochs,
                          f"num_train_epochs must be > 0, got {self.num_train_epochs} (or set max_steps)", 1)
+        check_optimizer_steps(self)
         if self.lora_alpha > 64 * self.lora_r:
             raise UserError(f"lora_alpha {self.lora_alpha} is over 64 x lora_r {self.lora_r}: the adapter's scale "
                             "alpha / r would blow up the update; the usual lora_alpha is r or 2 r")
@@ -317,40 +307,14 @@ def parse_config(args: list[str] | None = None, **overrides) -> Config:
     `parse_config(["--preset", "smoke"])` from the command line; `parse_config(preset="smoke",
     max_steps=2)` from Python. Every value, whatever its source, is converted and checked by the same
     declared rules (`validation.validate`), and an error names the source as the user wrote it."""
-    args = list(args or [])
-    path = config_path(args)
-    if path is not None:
-        args = args[: args.index("--config")] + args[args.index("--config") + 2:]
-        if not Path(path).is_file():
-            problem = "is a folder" if Path(path).is_dir() else "No such file or directory"
-            raise UserError(f"--config {path}: {problem}: pass a YAML file")
-    from_file = read_yaml(path)
-    env = from_file.pop("env", None) or {}  # TRL's `env:` section: variables set before the run
-    if not isinstance(env, dict):
-        raise UserError(f"--config {path}: `env:` must be a mapping of variable names to values, not a "
-                        f"{type(env).__name__}: write one `NAME: value` a line under it")
-    os.environ.update({str(key): str(value) for key, value in env.items()})
+    path, from_file, args = file_layer(list(args or []))
     return build_config([(f"file {path}", from_file), ("flag", parse_flags(Config, args)), ("keyword", overrides)])
 
 
 def build_config(layers: list[tuple[str, dict]]) -> Config:
     """`Config` from (source, values) layers, lowest first, over the defaults and the preset named by the
     highest layer that names one; every value is checked with its source known."""
-    source, preset = next(((s, values["preset"]) for s, values in reversed(layers)
-                           if values.get("preset") not in (None, "")), (None, None))
-    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):  # a list is no dict key
-        with sources({"preset": source}):
-            raise refuse("preset", preset, f"is not a preset (presets: {', '.join(PRESETS)})", "smoke")
-    merged, origin = dict(PRESETS.get(preset, {})), {k: f"preset {preset}" for k in PRESETS.get(preset, {})}
-    names = {f.name for f in dataclasses.fields(Config) if f.init}
-    for source, values in layers:
-        for key in values:
-            if key not in names:
-                raise UserError(f"unknown configuration field {where_unknown(key, source)}{close_match(key, names)}: "
-                                "see `python -m tinyllama_ft config --help`")
-        merged |= values
-        origin |= {key: source for key in values}
-    merged["preset"] = preset  # the one applied (an empty value below a named preset does not hide it)
+    merged, origin = merge_layers(Config, PRESETS, layers)
     with sources(origin):
         config = Config(**merged)
         _check_explicit(config, {k for k, s in origin.items() if not s.startswith("preset ")})

@@ -21,7 +21,9 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import os
 import re
+import reprlib
 import types
 import typing
 from functools import lru_cache
@@ -37,9 +39,27 @@ INHERITED_CHECKS = {
     "max_seq_length": ">= 16", "pad_to_multiple_of": "> 0", "eval_delay": ">= 0", "warmup_ratio": "[0, 1]",
     "logging_first_step": None, "torch_empty_cache_steps": "> 0", "ddp_timeout": "[1, 86400000]",
     "average_tokens_across_devices": None,
+    # TRL's DPOConfig
+    "ld_alpha": "[0, 1]", "discopop_tau": "> 0", "ref_model_mixup_alpha": "[0, 1]", "ref_model_sync_steps": "> 0",
+    "precompute_ref_batch_size": "> 0", "f_alpha_divergence_coef": "> 0",
 }
 HINTS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
-         "list": "one name or several (a,b or a list)"}
+         "list": "one name or several (a,b or a list)", "floats": "numbers (a,b or a list)"}
+
+
+class _BoundedRepr(reprlib.Repr):
+    """`repr` cut short at every level (3 deep, 6 items, 40 characters a string): "..." marks what it left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 6, 6, 6, 6
+        self.maxstring = self.maxother = self.maxlong = 40
+
+    def repr_int(self, x, level):
+        return "..." if x.bit_length() > 200 else repr(x)  # repr of a 5,000-digit int raises
+
+
+_BOUNDED = _BoundedRepr()
 
 _sources: contextvars.ContextVar[dict] = contextvars.ContextVar("sources", default={})
 
@@ -86,9 +106,23 @@ def how_to_set(name: str, example) -> str:
 
 
 def _show(value) -> str:
-    text = value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else repr(value)
+    """`value` for a message, never longer than about 60 characters: text cut short, a container too big to
+    show whole as its type and length (`a list of 1000 items`), an integer too long to print as its digits."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) and value.bit_length() > 200:
+        return f"an int of about {int(value.bit_length() * 0.30103) + 1} digits"
+    if isinstance(value, (list, tuple, dict, set)):
+        text = _BOUNDED.repr(value)
+        if "..." in text or len(text) > 60:
+            return f"a {type(value).__name__} of {len(value)} item{'s' * (len(value) != 1)}"
+    else:
+        text = value if isinstance(value, str) else repr(value)
     text = text.replace("\n", "\\n").replace("\r", "\\r")
     return (text[:60] + "...") if len(text) > 60 else (text if text.strip() else repr(value))
+
+
+show = _show  # the public name: every message that quotes a user's value goes through it
 
 
 def refuse(name: str, value, problem: str, example=None) -> UserError:
@@ -119,6 +153,18 @@ def parse_rule(rule: str):
     return tests[op], f"must be {op} {bound:g}"
 
 
+def _inside(rule: str, kind: str):
+    """A value that `rule` allows, for an example: its lower bound when allowed, else a point inside."""
+    match = _RANGE.match(rule.strip())
+    if not match:
+        op, bound = rule.split()
+        number = float(bound) + (1 if op == ">" else -1 if op == "<" else 0)
+    else:
+        left, low, high, _ = match.groups()
+        number = float(low) if left == "[" else (float(low) + float(high)) / 2
+    return int(number) if kind == "int" else number
+
+
 def field_rule(field: dataclasses.Field) -> str | None:
     return field.metadata.get("check", INHERITED_CHECKS.get(field.name))
 
@@ -147,6 +193,8 @@ def _kind(annotation):
         annotation, origin = rest[0], typing.get_origin(rest[0])
     if origin is list and typing.get_args(annotation) == (str,):
         return "list", optional
+    if origin is list and typing.get_args(annotation) == (float,):
+        return "floats", optional
     for kind in (bool, int, float, str):
         if annotation is kind:
             return kind.__name__, optional
@@ -186,6 +234,13 @@ def convert(name: str, value, kind: str):
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return [part for v in value for part in re.split(r"[,\s]+", v) if part]
         raise refuse(name, value, "must be names (text), one or several", "q_proj,v_proj")
+    if kind == "floats":  # "0.8,0.2", "0.8 0.2", [0.8, 0.2]: each a finite number
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise refuse(name, value, "must be numbers, one or several", "1.0")
+        parts = [p for v in value for p in (re.split(r"[,\s]+", v) if isinstance(v, str) else [v]) if p != ""]
+        return [float(_number(name, part, "float")) for part in parts]
     return value
 
 
@@ -237,10 +292,48 @@ def validate(config) -> None:
         raw, value = value, convert(field.name, value, kind)
         setattr(config, field.name, value)
         rule, choices = field_rule(field), list(field.metadata.get("choices") or [])
-        if choices and value not in choices:
-            raise refuse(field.name, raw, f"must be one of {', '.join(map(str, choices))}", choices[0])
-        if rule and kind in ("int", "float", "list"):
+        if choices:
+            bad = [v for v in value if v not in choices] if kind == "list" else [] if value in choices else [value]
+            if bad:
+                which = f"{_show(bad[0])} is not one of" if kind == "list" else "must be one of"
+                raise refuse(field.name, raw, f"{which} {', '.join(map(str, choices))}", choices[0])
+        if rule and kind in ("int", "float", "list", "floats"):
             test, words = parse_rule(rule)
             if not test(value):
                 example = _example(field.name, 1)
+                example = example if kind == "list" or test(example) else _inside(rule, kind)
                 raise refuse(field.name, raw, f"{field.name} {words}", example if kind != "list" else "q_proj")
+
+
+# --- between fields ----------------------------------------------------------------------------------
+
+def check_optimizer_steps(config, rows: str = "rows") -> None:
+    """Refuse a run whose epoch has fewer micro-batches than one optimizer step accumulates: it would never take
+    the step it was asked for (one partial step, in warm-up at a learning rate of 0, learns nothing)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro_batches = math.ceil(config.train_size / (config.per_device_train_batch_size * world))
+    if config.gradient_accumulation_steps > micro_batches:
+        processes = f" x {world} processes" if world > 1 else ""
+        raise refuse("gradient_accumulation_steps", config.gradient_accumulation_steps,
+                     f"is more than the {micro_batches} micro-batch{'es' * (micro_batches != 1)} an epoch has "
+                     f"(train_size {config.train_size} {rows} / per_device_train_batch_size "
+                     f"{config.per_device_train_batch_size}{processes}), so no optimizer step is ever complete: lower "
+                     "it or raise train_size", micro_batches)
+
+
+def inherited_post_init(post_init, command: str = "config") -> None:
+    """transformers'/TRL's own `__post_init__`, whose refusals (ValueError and kin, raised deep inside) become one
+    line naming the setting it names."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # transformers' renames of its own fields are not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            post_init()
+    except UserError:
+        raise
+    except (ValueError, TypeError, OverflowError, ImportError, NotImplementedError, RuntimeError, KeyError,
+            AttributeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise UserError(f"transformers/TRL refuse this configuration ({first}): change the setting it "
+                        f"names (see `python -m tinyllama_ft {command} --help`)") from None

@@ -15,6 +15,7 @@ import torch
 from peft import PeftConfig, PeftModel
 
 from ..errors import UserError
+from ..model.generation import context_length  # noqa: F401 (where chat and serve read it)
 from ..model.loading import is_model_folder, load_model, load_tokenizer
 from .files import finish_replacement
 from .lock import check_not_in_use, remove_abandoned
@@ -171,8 +172,3 @@ def set_generation_config(model, tokenizer) -> None:
     config.do_sample, config.num_beams, config.max_new_tokens = False, 1, DEFAULT_MAX_NEW_TOKENS
     config.temperature = config.top_p = config.top_k = None  # a base's sampling settings would only warn
     config.max_length = None  # max_new_tokens is the budget (TinyLlama-Chat's file says max_length 2048)
-
-
-def context_length(model) -> int:
-    """The model's positions: prompt and answer together must fit in them."""
-    return int(model.config.max_position_embeddings)

@@ -12,7 +12,6 @@ chains them. The output is a run folder like SFT's, which `generate`, `chat`, `s
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import shutil
@@ -20,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from peft import PeftConfig, PeftModel
 from transformers import set_seed
-from trl import DPOConfig, DPOTrainer, TrlParser
+from trl import DPOConfig, DPOTrainer
 
 from ..data.pairs import parse_pair_columns
 from ..errors import UserError
@@ -31,14 +29,22 @@ from ..settings.console import log_settings
 from ..settings.device import check_training_device, device_line, remember_cpu_request
 from ..settings.paths import recorded
 from ..settings.precision import set_precision
-from ..settings.sources import config_path as _config_path, read_yaml as _read_yaml, yaml_problem as _yaml_problem
+from ..settings.sources import file_layer, merge_layers, parse_flags
 from ..settings.tracking import check_trackers
+from ..settings.validation import check_optimizer_steps, inherited_post_init, refuse, sources, validate
 from ..storage.run_folder import StagedCheckpoints
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAIRS = "HuggingFaceH4/orca_dpo_pairs"  # MIT licence; splits train_prefs (12.4k) / test_prefs
 SAMPLE_PAIRS = str(Path(__file__).parents[1] / "samples" / "sample_pairs.jsonl")
+
+# TRL's DPOConfig: the loss types its help lists and DPOTrainer computes, the f-divergences, and the losses that
+# take a non-default f-divergence (tests/test_bad_settings.py reads them back from the installed TRL).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 DPO_PRESETS: dict[str, dict] = {
     # Continues the SFT smoke run (`train --preset smoke`, runs/smoke) on the bundled pairs, offline, in seconds.
@@ -74,14 +80,18 @@ class DpoConfig(DPOConfig):
         default=None, metadata={"help": "System message for pairs without one. Default: the SFT run's own, so the "
                                 "prompt stays the one the model is used with."})
     train_size: int = field(default=2000, metadata={"help": "Training pairs: 125 steps of 16, about an hour on a 12 GB "
-                                                    "card; enough to move a LoRA adapter, not to forget SFT."})
-    eval_size: int = field(default=200, metadata={"help": "Held-out pairs scored before and after DPO."})
+                                                    "card; enough to move a LoRA adapter, not to forget SFT.",
+                                                    "check": "> 0"})
+    eval_size: int = field(default=200, metadata={"help": "Held-out pairs scored before and after DPO.",
+                                                  "check": ">= 0"})
     alignment_eval: bool = field(
         default=True, metadata={"help": "Also measure what alignment cost on the SFT run's own validation rows (response "
                                 "loss, EOS log-prob) and generations (EOS rate), before and after."})
     num_generate: int = field(default=100, metadata={"help": "SFT test rows generated before and after for the EOS "
-                                                     "rate (at most the SFT run's own); 0 skips generation."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per response (EOS rate)."})
+                                                     "rate (at most the SFT run's own); 0 skips generation.",
+                                                     "check": ">= 0"})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per response (EOS rate).",
+                                                       "check": "> 0"})
     precision: str = field(
         default="auto", metadata={"help": "auto | bf16 | fp16 | fp32, as for train: bf16 where supported (2.2 GB of "
                                   "frozen weights for 1.1B), fp32 on CPU.",
@@ -90,35 +100,52 @@ class DpoConfig(DPOConfig):
     # --- training: where the defaults differ from DPOConfig's ---
     output_dir: str = field(default="runs/tinyllama-dolly-dpo", metadata={"help": "Where the DPO run is written."})
     beta: float = field(default=0.1, metadata={"help": "DPO temperature: how far from the SFT reference the policy may "
-                                               "move (TRL's and the DPO paper's default)."})
+                                               "move (TRL's and the DPO paper's default).", "check": "> 0"})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": f"DPO loss, or several combined by loss_weights: {', '.join(DPO_LOSS_TYPES)} (TRL's "
+                  "DPOConfig). sigmoid: the DPO paper's.", "choices": list(DPO_LOSS_TYPES), "check": "nonempty"})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Robust DPO's probability that a preference label is flipped, in [0, 0.5) "
+                               "(TRL's documented range; the paper suggests 0.1); EXO's epsilon (needs > 0, e.g. "
+                               "1e-3). Ignored by the other losses.", "check": "[0, 0.5)"})
+    f_divergence_type: str = field(
+        default="reverse_kl", metadata={"help": "f-divergence between policy and reference (f-DPO): "
+                                        f"{', '.join(F_DIVERGENCES)}.", "choices": list(F_DIVERGENCES)})
     learning_rate: float = field(default=5e-5, metadata={"help": "A quarter of SFT's 2e-4: a LoRA adapter needs more than "
-                                                         "full-weight DPO's 5e-7, and the policy should drift slowly."})
+                                                         "full-weight DPO's 5e-7, and the policy should drift slowly.",
+                                                         "check": "> 0"})
     per_device_train_batch_size: int = field(
         default=1, metadata={"help": "Pairs per micro-batch: one pair is two sequences (chosen, rejected) of up to "
-                             "max_length, the same tokens as SFT's 2 rows, which fit 12 GB."})
-    per_device_eval_batch_size: int = field(default=2, metadata={"help": "Pairs per evaluation batch (no gradients)."})
+                             "max_length, the same tokens as SFT's 2 rows, which fit 12 GB.", "check": "> 0"})
+    per_device_eval_batch_size: int = field(default=2, metadata={"help": "Pairs per evaluation batch (no gradients).",
+                                                                 "check": "> 0"})
     gradient_accumulation_steps: int = field(default=16, metadata={"help": "Micro-batches per step: 16 pairs a step, "
-                                                                 "SFT's 16 rows."})
+                                                                 "SFT's 16 rows.", "check": "> 0"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs (one: DPO overfits "
-                                                           "fast)."})
+                                                           "fast).", "check": ">= 0"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (as SFT)."})
-    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up: a tenth of the steps (DPO recipes use 0.1)."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up: a tenth of the steps (DPO recipes use 0.1).",
+                                                       "check": ">= 0"})
     max_length: int | None = field(
         default=1024, metadata={"help": "Longest prompt + response in tokens (SFT's); longer pairs are dropped and "
-                                "counted, never truncated."})
+                                "counted, never truncated.", "check": ">= 16"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations (as SFT, for 12 GB)."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Score the reference once before training instead of at each step. Off: with "
                                  "a LoRA policy the reference is an adapter copy, not a model, so it saves no memory, "
                                  "and the frozen adapter keeps resume and evaluation simple (docs/DPO.md measures both)."})
-    logging_steps: float = field(default=10, metadata={"help": "Log loss, rewards and margins every N steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log loss, rewards and margins every N steps.",
+                                                       "check": "> 0"})
     save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps or fraction (<1) of them: a stop "
-                                                     "loses at most a tenth."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints."})
+                                                     "loses at most a tenth.", "check": "> 0"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep the newest N checkpoints.",
+                                                              "check": ">= 0"})
     eval_strategy: str = field(default="no", metadata={"help": "The held-out pairs are scored before and after; TRL's "
                                                        "periodic evaluation is off."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (as SFT)."})
-    seed: int = field(default=42, metadata={"help": "Seed for the split and the data order."})
+    seed: int = field(default=42, metadata={"help": "Seed for the split and the data order.",
+                                            "check": "[0, 4294967295]"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
     include_num_input_tokens_seen: str = field(default="non_padding", metadata={"help": "Count real tokens."})
     # --- recorded, not set: what the run started from ---
@@ -129,34 +156,29 @@ class DpoConfig(DPOConfig):
         default=None, metadata={"help": "Recorded: the SFT run's run_config.json (not a setting)."})
 
     def __post_init__(self):
+        validate(self)  # every field's declared type and range, as for train's Config
         self._check_values()
         remember_cpu_request(self)  # before set_precision may set use_cpu itself
         set_precision(self, self.precision)
         if self.activation_checkpointing is None:
             self.activation_checkpointing = self.gradient_checkpointing
-        super().__post_init__()
+        inherited_post_init(super().__post_init__, "dpo")
 
     def _check_values(self):
+        """Consistency between fields (each field alone is checked by `validate`)."""
         if not self.adapter:
             raise UserError("dpo needs --adapter RUN: the folder of a finished SFT run (python -m tinyllama_ft train)")
         check_trackers(self.report_to)
         self.columns = parse_pair_columns(self.columns) or None
         self.system_prompt = (self.system_prompt or "").strip() or None
         self.dataset_split = self.dataset_split or ("train_prefs" if self.dataset_name == DEFAULT_PAIRS else "train")
-        positive = ["beta", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "train_size", "max_new_tokens", "logging_steps", "save_steps"]
-        for name in positive:
-            if getattr(self, name) is None or getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ["eval_size", "num_generate"]:
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_length is None or self.max_length < 16:
-            raise UserError(f"max_length must be an integer >= 16, got {self.max_length!r}")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise UserError(f"max_steps must be > 0, or -1 to train num_train_epochs, got {self.max_steps}")
+            raise refuse("max_steps", self.max_steps, "max_steps must be > 0, or -1 to train num_train_epochs", 100)
         if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise UserError(f"num_train_epochs must be > 0, got {self.num_train_epochs} (or set max_steps)")
+            raise refuse("num_train_epochs", self.num_train_epochs,
+                         f"num_train_epochs must be > 0, got {self.num_train_epochs} (or set max_steps)", 1)
+        check_optimizer_steps(self, "pairs")
+        self._check_loss()
         if self.overwrite_output_dir and str(self.resume_from_checkpoint).lower() not in ("none", "false", "no", "0", ""):
             raise UserError("--overwrite_output_dir true and --resume_from_checkpoint contradict each other: pass "
                             "one of them (overwrite starts over, resume continues)")
@@ -164,59 +186,35 @@ class DpoConfig(DPOConfig):
             raise UserError(f"--output_dir {self.output_dir} is the SFT run itself: pass another folder (the SFT run "
                             "stays as it is, DPO writes a new run)")
 
+    def _check_loss(self):
+        """What TRL's DPOTrainer would refuse only after the model has loaded."""
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0:
+            raise refuse("label_smoothing", 0.0, "the exo_pair loss needs label_smoothing > 0 (the EXO paper "
+                         "suggests 1e-3)", 0.001)
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise UserError(f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} loss_type "
+                            "values: give one weight a loss")
+        if self.f_divergence_type != "reverse_kl" and not set(self.loss_type) <= set(F_DIVERGENCE_LOSSES):
+            raise refuse("f_divergence_type", self.f_divergence_type, "applies only to the losses "
+                         f"{', '.join(F_DIVERGENCE_LOSSES)}", "reverse_kl")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
+            raise UserError("use_weighting does not apply to the aot and aot_unpaired losses (they sort the pairs): "
+                            "drop --use_weighting or choose another loss_type")
+
     def to_json(self) -> str:
         data = self.to_dict()
         data.pop("hub_token", None)
         return json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
-def _preset_from(args: list[str]) -> str | None:
-    """The preset named by `--preset P`, `--preset=P` or the `--config` file's `preset:`."""
-    for i, arg in enumerate(args):
-        if arg == "--preset" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--preset="):
-            return arg.split("=", 1)[1]
-    return _read_yaml(_config_path(args)).get("preset")
-
-
 def parse_dpo_config(args: list[str] | None = None, **overrides) -> DpoConfig:
-    """defaults < preset < YAML (`--config F.yaml`) < flags < keyword overrides, as `parse_config`."""
-    args = list(args or [])
-    _read_yaml(_config_path(args))
-    parser = _Parser(DpoConfig)
-    preset = overrides.get("preset") or _preset_from(args)
-    if preset is not None:
-        if preset not in DPO_PRESETS:
-            raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(DPO_PRESETS)}")
-        parser.set_defaults_with_config(**DPO_PRESETS[preset], preset=preset)
-    known = {f.name for f in dataclasses.fields(DpoConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise UserError(f"unknown configuration field {unknown[0]!r}: see `python -m tinyllama_ft dpo --help`")
-    flags = args + [item for key, value in overrides.items() for item in _as_flag(key, value)]
-    try:
-        (config,) = parser.parse_args_and_config(flags)
-    except (UserError, UnicodeError):  # a UnicodeEncodeError is a ValueError, but no configuration's fault
-        raise
-    except yaml.YAMLError as error:
-        raise UserError(f"--config {_config_path(args)} is not valid YAML ({_yaml_problem(error)}): fix the file") from None
-    except OSError as error:
-        raise UserError(f"--config {_config_path(args)}: {error.strerror or error}: pass a YAML file") from None
-    except ValueError as error:
-        raise UserError(f"bad configuration: {str(error).splitlines()[0]}") from None
-    return config
-
-
-def _as_flag(key: str, value) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [f"--{key}", *map(str, value)]
-    return [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-
-
-class _Parser(TrlParser):
-    def error(self, message):
-        raise UserError(f"{message}; see `python -m tinyllama_ft dpo --help`")
+    """defaults < preset < YAML (`--config F.yaml`) < flags < keyword overrides, as `parse_config`: every value
+    checked by the same declared rules, before anything is loaded or written."""
+    path, from_file, args = file_layer(list(args or []))
+    layers = [(f"file {path}", from_file), ("flag", parse_flags(DpoConfig, args, "dpo")), ("keyword", overrides)]
+    merged, origin = merge_layers(DpoConfig, DPO_PRESETS, layers, "dpo")
+    with sources(origin):
+        return DpoConfig(**merged)
 
 
 # --- stages ---------------------------------------------------------------------------------------
