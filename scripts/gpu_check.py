@@ -145,7 +145,7 @@ def bench(capped: bool):
     def run(check: Check):
         out = Path(check.tmp) / f"bench-{'capped' if capped else 'uncapped'}.json"
         if check.dry_run:
-            args = ["--preset", "cpu", "--rows", "4"] + (["--candidates", "default_checkpointing"] if capped else [])
+            args = ["--preset", "cpu", "--rows", "16"] + (["--candidates", "default_checkpointing"] if capped else [])
         else:
             args = ["--preset", "gpu", "--rows", "320"] + (["--candidates", "--max_memory_gib", "12"] if capped else [])
         done = check.command(sys.executable, "-m", "tinyllama_ft", "bench", *args, "--out", out)

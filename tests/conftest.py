@@ -98,9 +98,11 @@ def pytest_report_header(config):
 # Every process of the test session (xdist workers and the commands the tests start inherit TMPDIR) writes its
 # temporary files into one fresh folder, which must hold nothing of ours when the session ends: the controller
 # checks it after all workers are done (`pytest_sessionfinish`), then removes it.
-OWN_TEMP = "TINYLLAMA_FT_TEST_TEMP"
+OWN_TEMP = "TINYLLAMA_TESTS_TEMP"  # not TINYLLAMA_FT_*: those are configuration variables
 NOT_OURS = ["pytest-of-*", "torchinductor_*",  # pytest's tmp_path, torch's compile cache
-            "tinyllama-ft-runs-*"]  # tests/runs.py's shared runs, removed when its worker exits
+            "torchelastic_*",  # torchrun's own folder of each multi-process run
+            "tinyllama-ft-runs-*", "tinyllama-ft-dpo-*"]  # tests/runs.py's and test_dpo.py's shared runs, removed
+                                                          # when their worker exits (after this check may run)
 if OWN_TEMP not in os.environ:
     os.environ[OWN_TEMP] = os.environ["TMPDIR"] = os.environ["TEMP"] = os.environ["TMP"] = tempfile.mkdtemp(
         prefix="tinyllama-ft-tests-")

@@ -101,7 +101,10 @@ def test_the_readme_commands_work_on_a_cp1252_console(tmp_path):
                stdin="Give me three uses of a brick.\n")
     assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr[-3000:]
     assert chat.stdout.strip() == cp1252.stdout.strip()  # chat's first answer is generate's
-    merged = tmp_path / "runs" / "smoke-αβ"  # read on Linux's cp1252 locale as "Î±Î²": no crash, no "?"
+    # An ASCII folder: on Linux's cp1252 locale a non-ASCII argument reaches Python as cp1252 mojibake, which the
+    # tokenizers library (Rust) writes under its UTF-8 spelling, another folder. Windows passes paths as Unicode;
+    # a printed path the console cannot show is `evaluate`'s below.
+    merged = tmp_path / "runs" / "smoke-merged"
     exported = run("export", "--adapter", "runs/smoke", "--out", merged, env=CP1252, cwd=tmp_path)
     assert exported.returncode == 0 and "Traceback" not in exported.stderr, exported.stderr[-3000:]
     assert (merged / "model.safetensors").is_file() and len(exported.stdout.strip().splitlines()) == 1

@@ -37,7 +37,7 @@ def test_two_processes_train_disjoint_rows_and_write_one_complete_run(tmp_path):
     assert len(json.loads((out / "generations.json").read_text(encoding="utf-8"))["tuned"]) == 8
     model, tokenizer = load_for_inference(str(out), device="cpu")
     assert isinstance(generate(model, tokenizer, "Name a color.", max_new_tokens=4)["text"], str)
-    assert result.stderr.count("configuration:") == 1, "only the main process logs"
+    assert result.stderr.count("settings other than the defaults:") == 1, "only the main process logs"
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])

@@ -4,6 +4,7 @@ then `dpo` on pairs of real Dolly rows (the whole response chosen over its first
 soon), the held-out metrics, recomputed by hand, resume after a kill, the two reference strategies'
 peak memory side by side, bad inputs in one line, and the DPO run folder used by generate and export."""
 
+import atexit
 import json
 import shutil
 import signal
@@ -117,9 +118,10 @@ def stock_trl_tokenization(tokenizer, rows):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), max_length=None, report_to=[], bf16=False, use_cpu=True)
-    trainer = types.SimpleNamespace(_tokenizer=tokenizer)  # all the conversational path reads of the trainer
-    return DPOTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, "train")
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, max_length=None, report_to=[], bf16=False, use_cpu=True)
+        trainer = types.SimpleNamespace(_tokenizer=tokenizer)  # all the conversational path reads of the trainer
+        return DPOTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, "train")
 
 
 def test_side_by_side_with_trls_stock_dpo_tokenization(tinyllama_tokenizer, dolly_rows):
@@ -160,6 +162,7 @@ def test_side_by_side_with_trls_stock_dpo_tokenization(tinyllama_tokenizer, doll
 
 HELD_OUT, TRAIN_PAIRS, STEPS, SAVE = 60, 120, 40, 20
 _TMP = Path(tempfile.mkdtemp(prefix="tinyllama-ft-dpo-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 
 
 @lru_cache(maxsize=None)

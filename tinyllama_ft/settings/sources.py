@@ -60,6 +60,7 @@ def parse_flags(cls, args: list[str], command: str = "config") -> dict:
     """The flags given, each converted by the field's type (TRL's parser, nothing filled in for the others)."""
     parser = _flag_parser(cls)
     parser.command = command
+    parser.prog = f"python -m tinyllama_ft {command}"  # not sys.argv[0] (`__main__.py`, or a test runner's)
     return vars(parser.parse_args(args))
 
 

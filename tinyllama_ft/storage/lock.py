@@ -40,6 +40,7 @@ def folder_lock(folder, command: str):
     if held is not None and held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
         yield  # this process holds it already (an export's folder, locked around its checks and its write)
         return
+    made = missing_folders(path.parent)
     try:
         mine = _acquire(path, folder, command)
     except (NotADirectoryError, FileExistsError):  # a file where a folder of the path should be: the
@@ -52,6 +53,19 @@ def folder_lock(folder, command: str):
     finally:
         if _read(path) == mine:
             path.unlink(missing_ok=True)
+        for parent in made:  # a refused command leaves no empty folder the lock alone made
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders of `folder`'s path that do not exist yet, deepest first."""
+    missing = []
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def holder(folder) -> dict | None:
