@@ -192,17 +192,22 @@ def _train_args(check: Check, name: str, *extra) -> list:
 def _metrics(check: Check, name: str) -> dict:
     metrics = json.loads((Path(check.tmp) / "runs" / name / "metrics.json").read_text())
     keep = ("train_loss", "train_tokens_per_second", "peak_memory_reserved_bytes", "eval_loss", "base_eval_loss",
-            "eos_rate", "rougeL", "timings")
+            "eos_rate", "rougeL", "timings", "peak_memory_bytes_by_stage", "gradient_checkpointing_decision")
     return {k: metrics.get(k) for k in keep}
 
 
 def _row(name: str, m: dict) -> str:
-    peak = m.get("peak_memory_reserved_bytes")
-    return (f"| {name} | {m['train_loss']:.4f} | {m['train_tokens_per_second']:.0f} | "
-            f"{'-' if peak is None else f'{peak / 2**30:.2f}'} | {m.get('eval_loss') or float('nan'):.4f} |")
+    """The run's numbers, with the planner's promise for the training stage against each stage's peak (CUDA)."""
+    gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+    peak, stages = m.get("peak_memory_reserved_bytes"), m.get("peak_memory_bytes_by_stage") or {}
+    predicted = (m.get("gradient_checkpointing_decision") or {}).get("predicted_peak_bytes")
+    highest = max(stages, key=stages.get) if stages else "-"
+    return (f"| {name} | {m['train_loss']:.4f} | {m['train_tokens_per_second']:.0f} | {gib(peak)} | "
+            f"{m.get('eval_loss') or float('nan'):.4f} | {gib(stages.get('train'))} | {gib(predicted)} | {highest} |")
 
 
-HEAD = "| run | train loss | tokens/s | peak reserved GiB | eval loss |\n|---|---|---|---|---|"
+HEAD = ("| run | train loss | tokens/s | peak reserved GiB | eval loss | train stage peak GiB | planner's promise GiB "
+        "| highest stage |\n|---|---|---|---|---|---|---|---|")
 
 
 def train_precision(precision: str):

@@ -7,6 +7,7 @@ error in cp1252, as on Windows, and decodes its arguments and paths with it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -15,6 +16,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +202,37 @@ def test_a_hub_that_cannot_be_reached_is_one_line_at_once(args, names, tmp_path)
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith("error: cannot reach the hub at http://127.0.0.1:") and names in lines[0]
     assert "HF_HUB_OFFLINE=1" in lines[0] and not (tmp_path / "r").exists()
+
+
+@contextlib.contextmanager
+def silent_server_url():
+    """http://127.0.0.1:PORT of a socket that listens and never answers: the connection opens (the kernel's
+    backlog), the request goes out and no byte comes back, as on a network that drops what it is sent."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_a_hub_that_does_not_answer_costs_one_timeout(monkeypatch):
+    """The slowest way to be offline: nothing answers. One request waits `TIMEOUT_S`, then one line: not the
+    libraries' retries (30 s), and not a second request (which would take twice as long)."""
+    from huggingface_hub import constants
+
+    from tinyllama_ft.errors import UserError
+    from tinyllama_ft.settings.hub import TIMEOUT_S, check_on_hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", closed_port_url())
+    with pytest.raises(UserError, match="^cannot reach the hub"):  # the client's first use (imports, TLS set-up) first
+        check_on_hub("nobody/refused")
+    with silent_server_url() as url:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        start = time.perf_counter()
+        with pytest.raises(UserError, match=f"^cannot reach the hub at {url} .* for the model 'nobody/silent'"):
+            check_on_hub("nobody/silent")
+        waited = time.perf_counter() - start
+    assert TIMEOUT_S <= waited < 2 * TIMEOUT_S, waited
 
 
 def test_a_missing_data_file_is_said_before_the_model_is_looked_for(tmp_path):

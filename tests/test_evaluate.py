@@ -18,6 +18,7 @@ import contextlib
 import gc
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ import torch
 from tinyllama_ft import encode_example, load_model, load_tokenizer, parse_config, to_example, train, wrap_lora
 from tinyllama_ft.evaluation.dolly import evaluate_loss, pad_batch
 from tinyllama_ft.model.generation import can_merge_lora, generate, merged_lora
-from tinyllama_ft.storage.timings import Timings
+from tinyllama_ft.storage.timings import Timings, peak_memory, reset_peak_memory
 
 # Loss sums here are ~10^4 nats over ~3,000 tokens; the two paths differ by fp32 rounding in the LM-head
 # matmul and the log-softmax only (observed relative difference ~1e-7).
@@ -207,6 +208,20 @@ def test_timings_add_up_stage_by_stage():
     assert "c" in timings.as_dict()
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident set's peak restarts on Linux only")
+def test_the_resident_peak_restarts_where_asked():
+    """The CPU high-water mark `benchmarks/memory_stages.py` reads per stage: 64 MiB touched and freed shows in the
+    peak since the reset before it, and not after the next reset (glibc maps a block that large on its own and
+    unmaps it when freed, so the resident set falls back)."""
+    assert reset_peak_memory(cpu=True)
+    before = peak_memory(cpu=True)
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)
+    del block
+    during = peak_memory(cpu=True)
+    reset_peak_memory(cpu=True)
+    assert during - before >= 60 * 2**20 and during - peak_memory(cpu=True) >= 60 * 2**20
+
+
 @pytest.mark.slow
 def test_train_records_timings_that_add_up(tmp_path):
     """The smoke run through `train`: metrics.json holds every stage; the stages and what runs between
@@ -226,6 +241,8 @@ def test_train_records_timings_that_add_up(tmp_path):
     assert wall - timings["total"] < max(1.0, 0.05 * wall)
     assert metrics["eos_logprob"] < 0 and metrics["base_eos_logprob"] < 0
     assert all("eos_logprob" in c for c in metrics["per_category"]["tuned"].values())
+    recorded = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert ("peak_memory_bytes_by_stage" in recorded) == torch.cuda.is_available()  # CPU runs leave the peak alone
 
 
 @pytest.mark.slow  # two evaluation paths on the bench model (random Llama, vocabulary 32,000): ~1 minute

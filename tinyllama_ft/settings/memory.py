@@ -141,7 +141,7 @@ def activation_bytes(model, batch: dict) -> int | None:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
             saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
+        return tensor.detach()  # not `tensor`: an op's own output saved with its grad_fn is a cycle gc never frees
 
     was_training = model.training
     model.train()
@@ -164,11 +164,13 @@ def activation_bytes(model, batch: dict) -> int | None:
 
 def decide_checkpointing(config, model, data, pad_token_id: int) -> dict:
     """Resolve `config.gradient_checkpointing` ("auto", True or False) to a bool, in place; return the
-    decision (`on`, and for "auto" what it was measured on)."""
+    decision (`on`, and for "auto" what it was measured on and `predicted_peak_bytes`: the most the training stage
+    may hold, what was resident before the measurement plus the activations with the room `MARGIN` keeps beside
+    them; `benchmarks/memory_stages.py` measures it)."""
     if config.gradient_checkpointing != "auto":
         return {"on": bool(config.gradient_checkpointing), "rule": "set"}
     device = next(model.parameters()).device
-    free = free_memory_bytes(device)
+    free, resident = free_memory_bytes(device), resident_bytes(device)
     rows = worst_case_rows(data.examples("train"), config.per_device_train_batch_size, config.packing,
                            config.max_length)
     need = activation_bytes(model, worst_case_batch(rows, config.padding_free, pad_token_id, device))
@@ -179,7 +181,17 @@ def decide_checkpointing(config, model, data, pad_token_id: int) -> dict:
              len(rows), tokens, "more than fits" if need is None else f"{need / 2**20:.0f} MiB",
              f"{free / 2**20:.0f} MiB", device.type, MARGIN * 100)
     set_checkpointing(config, on)
-    return {"on": on, "rule": "auto", "activation_bytes": need, "free_bytes": free, "tokens": tokens, "margin": MARGIN}
+    return {"on": on, "rule": "auto", "activation_bytes": need, "free_bytes": free, "tokens": tokens, "margin": MARGIN,
+            "resident_bytes": resident, "predicted_peak_bytes": None if need is None else int(resident + need / MARGIN)}
+
+
+def resident_bytes(device: torch.device) -> int:
+    """What this process holds now: on CUDA what PyTorch reserved, else the resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_reserved(device))
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def _agreed(on: bool, device) -> bool:
@@ -193,3 +205,4 @@ def _agreed(on: bool, device) -> bool:
 
 def set_checkpointing(config, on: bool) -> None:
     config.gradient_checkpointing = config.activation_checkpointing = on
+

@@ -114,13 +114,14 @@ def build_trainer(config: Config, model, tokenizer, data: Data, folder: str | Pa
     """TRL's SFTTrainer on the pre-tokenized rows: TRL pads labels with -100 (or, padding-free,
     concatenates rows with restarting position ids), so the EOS stays trained. Resolves
     `gradient_checkpointing="auto"` first, from the worst-case micro-batch (`memory.decide_checkpointing`)."""
-    decide_checkpointing(config, model, data, tokenizer.pad_token_id)  # "auto" becomes on or off, measured
+    decision = decide_checkpointing(config, model, data, tokenizer.pad_token_id)  # "auto" becomes on or off
     eval_dataset = data.dataset("validation") if config.eval_size and config.eval_strategy != "no" else None
     if eval_dataset is None:
         config.eval_strategy = "no"
     trainer = Trainer(model=model, args=trainer_config(config, folder), train_dataset=data.dataset("train"),
                       eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=[NewCadence()])
     trainer.fingerprint = fingerprint(config, data.examples("train"))  # written into each checkpoint
+    trainer.checkpointing_decision = decision  # into the run's metrics, beside the peak memory it led to
     trainer.run_config = recorded(json.loads(config.to_json()))  # paths as run_config.json records them
     return trainer
 
@@ -177,6 +178,8 @@ def fit(trainer: SFTTrainer) -> dict:
     if torch.cuda.is_available():
         metrics["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
         metrics["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    if getattr(trainer, "checkpointing_decision", None):
+        metrics["gradient_checkpointing_decision"] = trainer.checkpointing_decision
     return metrics
 
 
