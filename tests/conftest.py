@@ -52,6 +52,32 @@ def dolly_rows(dolly_path):
     return [json.loads(line) for line in open(dolly_path, encoding="utf-8")]
 
 
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama.cpp's Python binding; CI installs it and sets REQUIRE_LLAMA_CPP=1, so there a missing one fails."""
+    if os.environ.get("REQUIRE_LLAMA_CPP") == "1":
+        import llama_cpp
+
+        return llama_cpp
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                               "llama-cpp-python==0.3.36 builds llama.cpp from source, about 5 minutes)")
+
+
+SMOKE_RUN = ["--preset", "smoke", "--max_steps", "2", "--num_generate", "0"]  # a finished run in seconds
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished two-step smoke run, made by the real command line (`SMOKE_RUN`)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = subprocess.run([sys.executable, "-m", "tinyllama_ft", "train", *SMOKE_RUN, "--output_dir", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 # Under pytest-xdist (the README's `-n 2`) each worker, and every process it starts, computes on one thread:
 # two workers on two cores, not four threads fighting over them.
 if os.environ.get("PYTEST_XDIST_WORKER"):

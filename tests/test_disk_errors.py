@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SMOKE_RUN
 from tinyllama_ft.errors import os_error_line
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the errors' causes are made the POSIX way (mount, "
                                 "ulimit -f, 255-byte names)")
-RUN = ["--preset", "smoke", "--max_steps", "2", "--num_generate", "0"]
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -92,18 +91,10 @@ def assert_one_line(result, errno_name: str, path: Path, intact: str) -> str:
     return last
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finished") / "run"
-    result = cli("train", *RUN, "--output_dir", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
 # --- train --overwrite_output_dir true over a finished run: the previous run stays as it was ----------------
 
 def replace_run(out: Path, **kwargs):
-    return cli("train", *RUN, "--output_dir", out, "--overwrite_output_dir", "true", "--seed", "7", **kwargs)
+    return cli("train", *SMOKE_RUN, "--output_dir", out, "--overwrite_output_dir", "true", "--seed", "7", **kwargs)
 
 
 def assert_previous_run_intact(result, errno_name, out, before):

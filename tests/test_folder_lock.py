@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SMOKE_RUN
 from tinyllama_ft import parse_config
 from tinyllama_ft.errors import UserError
 from tinyllama_ft.storage import files
@@ -25,7 +25,6 @@ from tinyllama_ft.storage.files import replacement_paths, swap_in
 from tinyllama_ft.storage.lock import folder_lock, lock_path
 from tinyllama_ft.storage.run_folder import check_output_dir, training_folder
 
-RUN = ["--preset", "smoke", "--max_steps", "2", "--num_generate", "0"]
 THIRD_PARTY_TEMP = ("torchinductor_",)  # torch's compile cache: not ours
 
 
@@ -53,14 +52,6 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("finished") / "run"
-    result = cli("train", *RUN, "--output_dir", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def paused(stage, marker: Path, *argv, env=None) -> subprocess.Popen:
@@ -94,7 +85,7 @@ def refusal(result) -> str:
 @pytest.mark.parametrize("command", ["train", "dpo", "export"])
 def test_a_second_command_into_a_folder_in_use_is_refused_in_one_line(command, finished_run, tmp_path):
     out = tmp_path / "out"
-    argv = {"train": ["train", *RUN, "--output_dir", out],
+    argv = {"train": ["train", *SMOKE_RUN, "--output_dir", out],
             "dpo": ["dpo", "--preset", "smoke", "--adapter", finished_run, "--output_dir", out],
             "export": ["export", "--adapter", finished_run, "--out", out]}[command]
     with folder_lock(out, "train"):  # this test process holds it, as a running command would
@@ -110,10 +101,12 @@ def test_two_real_commands_on_one_run_folder(finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    first = paused("step-1", tmp_path / "marker", "train", *RUN, "--output_dir", out, "--overwrite_output_dir", "true")
+    first = paused("step-1", tmp_path / "marker", "train", *SMOKE_RUN, "--output_dir", out,
+                   "--overwrite_output_dir", "true")
     try:
-        holder = f"is in use by `train {' '.join(RUN)} --output_dir {out} --overwrite_output_dir true` (pid {first.pid}"
-        assert f"error: {out} {holder}" in refusal(cli("train", *RUN, "--output_dir", out))
+        holder = (f"is in use by `train {' '.join(SMOKE_RUN)} --output_dir {out} --overwrite_output_dir true` "
+                  f"(pid {first.pid}")
+        assert f"error: {out} {holder}" in refusal(cli("train", *SMOKE_RUN, "--output_dir", out))
         dpo = cli("dpo", "--preset", "smoke", "--adapter", out, "--output_dir", tmp_path / "dpo")
         assert f"error: --adapter {out} {holder}" in refusal(dpo)
         export = cli("export", "--adapter", out, "--out", tmp_path / "merged")
@@ -177,7 +170,7 @@ def test_a_killed_tokenization_leaves_no_temporary_file_and_commands_no_temp_fol
     (cache / "tinyllama_ft").mkdir(parents=True)
     left = cache / "tinyllama_ft" / f".encoded-0123.npz.{dead_pid()}.tmp"  # what a tokenization killed mid-write leaves
     left.write_bytes(b"PK\x03\x04 half a file")
-    result = cli("train", *RUN, "--output_dir", tmp_path / "run", env=env)
+    result = cli("train", *SMOKE_RUN, "--output_dir", tmp_path / "run", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not left.exists() and not list(cache.rglob("*.tmp"))
     assert ours(temp) == [], "the tiny random model is built in memory: no tiny-random-llama-* folder"
@@ -231,7 +224,7 @@ def test_a_swap_refused_for_good_keeps_the_finished_run_for_the_next_command(tmp
     assert f"it is complete in {new}, and {out} is as it was" in str(refused.value)
     assert (out / "metrics.json").read_text(encoding="utf-8") == "old" and listing(tmp_path) == [".run.replacing", "run"]
     monkeypatch.undo()  # the program let go: the next command puts the finished run in place, deletes nothing
-    config = parse_config(RUN + ["--output_dir", str(out), "--overwrite_output_dir", "true"])
+    config = parse_config(SMOKE_RUN + ["--output_dir", str(out), "--overwrite_output_dir", "true"])
     check_output_dir(config)
     assert (out / "metrics.json").read_text(encoding="utf-8") == "new" and listing(tmp_path) == ["run"]
     assert training_folder(config) == new and not new.exists()

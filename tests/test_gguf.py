@@ -4,7 +4,6 @@ prompt ids of the embedded and of the Ollama template, greedy tokens), and the O
 rendered by hand against the HF chat template. Numbers are printed (`pytest -s`) and in docs/EXPORT.md."""
 
 import json
-import os
 import re
 
 import pytest
@@ -356,17 +355,6 @@ def test_export_writes_a_modelfile_for_the_file_with_the_runs_system_prompt(stor
 
 
 # --- (c) llama.cpp itself ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    """llama.cpp's Python binding; CI installs it and sets REQUIRE_LLAMA_CPP=1, so there a missing one fails."""
-    if os.environ.get("REQUIRE_LLAMA_CPP") == "1":
-        import llama_cpp
-
-        return llama_cpp
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
-                               "llama-cpp-python==0.3.36 builds llama.cpp from source, about 5 minutes)")
-
 
 def llama_greedy(llm, ids: list[int]) -> list[int]:
     llm.reset()

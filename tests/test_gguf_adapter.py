@@ -4,7 +4,6 @@ on real Dolly prompts (stories260k fine-tuned with LoRA, `tests/runs.py`), an rs
 rescaled for llama.cpp's alpha / r); without the adapter the answers are the base's. DoRA is refused in one line."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -15,17 +14,6 @@ from tinyllama_ft import encode_prompt, load_tokenizer
 from tinyllama_ft.cli import main as cli_main
 
 NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    """llama.cpp's Python binding; CI installs it and sets REQUIRE_LLAMA_CPP=1, so there a missing one fails."""
-    if os.environ.get("REQUIRE_LLAMA_CPP") == "1":
-        import llama_cpp
-
-        return llama_cpp
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
-                               "llama-cpp-python==0.3.36 builds llama.cpp from source, about 5 minutes)")
 
 
 def open_llama(lib, path, lora=None):
