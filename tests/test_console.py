@@ -215,24 +215,23 @@ def silent_server_url():
 
 
 def test_a_hub_that_does_not_answer_costs_one_timeout(monkeypatch):
-    """The slowest way to be offline: nothing answers. One request waits `TIMEOUT_S`, then one line: not the
-    libraries' retries (30 s), and not a second request (which would take twice as long)."""
+    """The slowest way to be offline: nothing answers. The check gives up after `TIMEOUT_S` in all, then one
+    line: not the libraries' retries (30 s), nor huggingface_hub 2.x's own first request (a registry, 3 s more)
+    before ours. (The whole command: importing torch, transformers, PEFT and TRL first, ~6 s on 2 cores.)"""
     from huggingface_hub import constants
 
     from tinyllama_ft.errors import UserError
     from tinyllama_ft.settings.hub import TIMEOUT_S, check_on_hub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", closed_port_url())
-    with pytest.raises(UserError, match="^cannot reach the hub"):  # the client's first use (imports, TLS set-up) first
-        check_on_hub("nobody/refused")
     with silent_server_url() as url:
         monkeypatch.setattr(constants, "ENDPOINT", url)
         start = time.perf_counter()
-        with pytest.raises(UserError, match=f"^cannot reach the hub at {url} .* for the model 'nobody/silent'"):
+        with pytest.raises(UserError, match=f"^cannot reach the hub at {url} \\(no answer in 5 s\\) for the model "
+                                            "'nobody/silent'"):
             check_on_hub("nobody/silent")
         waited = time.perf_counter() - start
-    assert TIMEOUT_S <= waited < 2 * TIMEOUT_S, waited
+    assert TIMEOUT_S <= waited < TIMEOUT_S + 2, waited
 
 
 def test_a_missing_data_file_is_said_before_the_model_is_looked_for(tmp_path):

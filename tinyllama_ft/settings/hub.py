@@ -1,14 +1,16 @@
 """Whether the model hub can give a model or dataset, asked once before the libraries ask: they retry an
-unreachable hub for half a minute, logging each try, before their error. Here it is one request of a few
-seconds and one line naming the fix (`HF_HUB_OFFLINE=1` for what is already downloaded, a local path)."""
+unreachable hub for half a minute, logging each try, before their error. Here it is one request, answered or
+given up within `TIMEOUT_S` in all, and one line naming the fix (`HF_HUB_OFFLINE=1` for what is already
+downloaded, a local path)."""
 
 from __future__ import annotations
 
 import functools
+import threading
 
 from ..errors import UserError
 
-TIMEOUT_S = 5.0  # one request; the libraries' own retries take ~30 s
+TIMEOUT_S = 5.0  # in all: huggingface_hub may ask more than once (2.x first fetches a registry, 3 s of its own)
 
 
 @functools.lru_cache(maxsize=None)  # a repository found once is not asked about again (a failure raises, uncached)
@@ -22,7 +24,7 @@ def check_on_hub(repo_id: str, kind: str = "model", flag: str = "--model_name_or
         return
     ask = HfApi().model_info if kind == "model" else HfApi().dataset_info
     try:
-        ask(repo_id, timeout=TIMEOUT_S)
+        within_deadline(lambda: ask(repo_id, timeout=TIMEOUT_S))
     except GatedRepoError:
         return  # the download says which access it needs
     except RepositoryNotFoundError:
@@ -32,6 +34,26 @@ def check_on_hub(repo_id: str, kind: str = "model", flag: str = "--model_name_or
         return  # the hub answered: the libraries report the rest in their own words
     except Exception as error:  # no connection, no name resolution, a timeout: the hub cannot be reached
         raise UserError(_unreachable(repo_id, kind, flag, error)) from None
+
+
+def within_deadline(call) -> None:
+    """`call()` on a thread of its own, waited for at most `TIMEOUT_S`; raises what it raised, or `TimeoutError`
+    when it has not returned by then (the thread is left to end with the process: it holds nothing of ours)."""
+    raised: list[BaseException] = []
+
+    def run():
+        try:
+            call()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller, which sorts them
+            raised.append(error)
+
+    thread = threading.Thread(target=run, name="hub-check", daemon=True)
+    thread.start()
+    thread.join(TIMEOUT_S)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer in {TIMEOUT_S:.0f} s")
+    if raised:
+        raise raised[0]
 
 
 def _unreachable(repo_id: str, kind: str, flag: str, error: Exception) -> str:
