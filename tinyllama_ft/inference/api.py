@@ -47,6 +47,25 @@ class LoadModelRequest(BaseModel):
     model: str
 
 
+def one_answer(field: str):
+    """The validator of `field` (`n`, `num_return_sequences`): one answer a request, or a 422 saying why."""
+    def check(cls, value):
+        if value is not None and value > 1:
+            raise ValueError(f"{field}={value}: {ONE_CHOICE}")
+        return value
+    return field_validator(field)(classmethod(check))
+
+
+def up_to_four_stops(field: str):
+    """The validator of `field` (`stop`, `stop_strings`): a string or up to 4 non-empty strings."""
+    def check(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 4 or not all(s for s in stops)):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stop
+    return field_validator(field)(classmethod(check))
+
+
 class GenerationSettings(BaseModel):
     """transformers' generation settings a request may send as `generation_config` (what `transformers chat`
     sends: `GenerationConfig.to_json_string()`), laid over the model's own. Only these; each checked here."""
@@ -71,24 +90,8 @@ class GenerationSettings(BaseModel):
     use_cache: bool | None = None
     transformers_version: str | None = Field(None, description="accepted and ignored")
 
-    @field_validator("num_return_sequences")
-    @classmethod
-    def _one(cls, value):
-        if value is not None and value > 1:
-            raise ValueError(f"num_return_sequences={value}: {ONE_CHOICE}")
-        return value
-
-    @field_validator("stop_strings")
-    @classmethod
-    def _stops(cls, stop):
-        return check_stops(stop)
-
-
-def check_stops(stop):
-    stops = [stop] if isinstance(stop, str) else stop
-    if stops is not None and (len(stops) > 4 or not all(s for s in stops)):
-        raise ValueError("stop takes up to 4 non-empty strings")
-    return stop
+    _one = one_answer("num_return_sequences")
+    _stops = up_to_four_stops("stop_strings")
 
 
 class StreamOptions(BaseModel):
@@ -129,17 +132,8 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("generation_config must be a JSON object")
         return config
 
-    @field_validator("n")
-    @classmethod
-    def _one(cls, value):
-        if value is not None and value > 1:
-            raise ValueError(f"n={value}: {ONE_CHOICE}")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, stop):
-        return check_stops(stop)
+    _one = one_answer("n")
+    _stops = up_to_four_stops("stop")
 
     def budget(self) -> int | None:
         """The answer budget the request sets itself, in whichever field carries it."""
