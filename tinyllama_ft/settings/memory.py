@@ -205,4 +205,3 @@ def _agreed(on: bool, device) -> bool:
 
 def set_checkpointing(config, on: bool) -> None:
     config.gradient_checkpointing = config.activation_checkpointing = on
-

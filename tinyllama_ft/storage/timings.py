@@ -52,7 +52,7 @@ def peak_memory(cpu: bool = False) -> int | None:
         peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
         return int(peak) or None
     try:
-        with open("/proc/self/status", encoding="ascii") as file:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as file:
             return next(int(line.split()[1]) * 1024 for line in file if line.startswith("VmHWM:"))
     except (OSError, StopIteration, ValueError):
         return None
